@@ -133,6 +133,15 @@ def coarse_mlp_reference(x, w_gate, w_up, w_down_t, idx):
 
 # --- accounting ------------------------------------------------------------------------------------------
 
+def param_count(cfg):
+    """All parameters of a Llama from its config: embeddings (and an untied lm_head), attention, MLP, norms."""
+    h, D, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    attn = 2 * h * hd * (cfg.num_attention_heads + cfg.num_key_value_heads)   # q, o and k, v projections
+    embed = cfg.vocab_size * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
+    return L * (attn + 3 * h * D + 2 * h) + h + embed                       # + 2 norms a layer, final norm
+
+
 def density(cfg, f, mode):
     """Parameters read per generated token / all parameters (the paper's accounting, SIRIUS.md §2).
 
@@ -140,12 +149,9 @@ def density(cfg, f, mode):
     coarse reads 3hk per layer, fine h*D (its dense gate) + 2hk, with k = kept(D, f). mode "none" = "dense".
     """
     h, D, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    attn = 2 * h * hd * (cfg.num_attention_heads + cfg.num_key_value_heads)   # q, o and k, v projections
-    embed = cfg.vocab_size * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
-    total = L * (attn + 3 * h * D + 2 * h) + h + embed                     # + 2 norms a layer, final norm
     k = D if mode in ("dense", "none") else kept(D, f)
     mlp_read = {"dense": 3 * h * D, "none": 3 * h * D, "coarse": 3 * h * k, "fine": h * D + 2 * h * k}[mode]
+    total = param_count(cfg)
     return (total - L * (3 * h * D - mlp_read)) / total
 
 

@@ -22,8 +22,7 @@ import kernels
 from model import Llama, LlamaConfig, chat_prompt, load_model, load_tokenizer, read_config, stop_ids
 from sirius_min import average_advance_length, effective_density, full_model_nll, generate, sirius
 
-DEMO_PROMPT = ("Sara has 3 boxes with 4 pencils in each box. She gives away 5 pencils. "
-               "How many pencils does she have left? Think step by step.")
+DEMO_PROMPT = "Mia buys 4 packs of stickers with 6 stickers in each pack. How many stickers does she have?"
 
 
 class UsageError(Exception):
@@ -86,7 +85,7 @@ def build_parser(command="demo"):
     m.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap prompts in the model's chat format (default: on)")
     s = p.add_argument_group("sparsity and Sirius")
-    s.add_argument("--sparsity", default="both" if command == "eval" else "fine",
+    s.add_argument("--sparsity", default="both" if command == "eval" else "coarse",
                    choices=["fine", "coarse", "both"] if command == "eval" else ["none", "fine", "coarse"],
                    help="MLP contextual sparsity: fine = top-k per token, coarse = GRIFFIN, chosen once from the "
                         "prompt; none = dense only (default: %(default)s)")
@@ -98,6 +97,8 @@ def build_parser(command="demo"):
     s.add_argument("--max-new-tokens", type=positive_int, default=128 if command == "demo" else 160, help="(default: %(default)s)")
     if command == "demo":
         p.add_argument("--prompt", default=DEMO_PROMPT, help="the prompt, or - to read it from stdin (default: a short word problem)")
+        p.add_argument("--few-shot", action=argparse.BooleanOptionalAction,
+                       help="show the prompt after eval's four worked examples (default: on for the built-in prompt only)")
         p.add_argument("--sirius", action="store_true", help="run Sirius only (default: dense, sparse and Sirius one under the other)")
         p.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
     if command == "eval":
@@ -171,7 +172,8 @@ class Printer:
 def demo(args):
     cfg, tok = open_model_folder(args)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    prompt = encode(args, tok, cfg, text)
+    few_shot = args.prompt == DEMO_PROMPT if args.few_shot is None else args.few_shot
+    prompt = encode(args, tok, cfg, text, FEW_SHOT if few_shot else ())
     model = load_weights(args, cfg, len(prompt))
     color = sys.stdout.isatty() and not args.no_color
     eos = stop_ids(cfg, tok)
@@ -185,7 +187,7 @@ def demo(args):
         runs.append((f"Sirius ({args.sparsity})", lambda cb: sirius(
             model, prompt, args.max_new_tokens, eos, args.sparsity, args.density, args.period,
             args.threshold, args.strict, on_token=cb)))
-    print(f"prompt: {text.strip()}")
+    print(f"prompt: {text.strip()}" + (f"  (after {len(FEW_SHOT)} worked examples)" if few_shot else ""))
     rows = []
     for name, run in runs:
         print(f"\n--- {name} ---")
@@ -383,13 +385,6 @@ def median_time(fn, reps):
     return sorted(times)[reps // 2]
 
 
-def param_count(cfg):
-    h, D, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    attn = 2 * h * hd * (cfg.num_attention_heads + cfg.num_key_value_heads)
-    return cfg.num_hidden_layers * (attn + 3 * h * D + 2 * h) + h + \
-        cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-
-
 def decode_rows(model, prompt, n, args, rounds, with_sirius=True):
     """ms/token of dense, sparse and Sirius decoding, interleaved `rounds` times (medians), as table rows."""
     runs = {"dense": lambda: generate(model, prompt, n)}
@@ -402,7 +397,7 @@ def decode_rows(model, prompt, n, args, rounds, with_sirius=True):
         for m, run in runs.items():
             last[m] = run()
             times[m].append(last[m].ms_per_token)
-    gbytes = param_count(model.cfg) * model.embed.element_size() / 1e9
+    gbytes = kernels.param_count(model.cfg) * model.embed.element_size() / 1e9
     rows = []
     for m, res in last.items():
         ms = sorted(times[m])[len(times[m]) // 2]
@@ -439,7 +434,7 @@ def bench(args):
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s), {dtype}, f = {args.density}, K = {args.period}, threshold = {args.threshold}; "
           f"{n} tokens per run, EOS ignored so every run decodes the same length")
-    print(f"\n1. end-to-end decode, {Path(args.model).name} ({param_count(cfg) * model.embed.element_size() / 1e9:.2f} "
+    print(f"\n1. end-to-end decode, {Path(args.model).name} ({kernels.param_count(cfg) * model.embed.element_size() / 1e9:.2f} "
           f"GB of weights; GB/s = weights read per token / time)")
     rows = decode_rows(model, prompt, n, args, 1 if args.quick else 3)
     print_table(DECODE_HEADER, rows)

@@ -133,3 +133,8 @@ def test_bench_mlp_smoke():
                                                    ("fine", 0.25), ("coarse", 0.25)]
     for r in rows:
         assert all(math.isfinite(r[key]) and r[key] > 0 for key in ("ms", "ratio", "ideal", "reads"))
+
+
+def test_param_count_llama3_8b():
+    from kernels import param_count
+    assert round(param_count(LLAMA3_8B) / 1e9, 2) == 8.03  # the published 8.03 B

@@ -19,11 +19,11 @@ def test_demo_subprocess_three_answers_and_table(smollm_dir):
                           "--no-color"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    for section in ("--- dense ---", "--- fine sparse ---", "--- Sirius (fine) ---"):
+    for section in ("--- dense ---", "--- coarse sparse ---", "--- Sirius (coarse) ---"):
         assert section in text
     header = next(line for line in text.splitlines() if line.startswith("method"))
     assert header.split() == ["method", "tokens", "ms/token", "density", "AAL", "eff.", "density", "corrections"]
-    sirius_row = next(line for line in text.splitlines() if line.startswith("Sirius (fine)"))
+    sirius_row = next(line for line in text.splitlines() if line.startswith("Sirius (coarse)"))
     assert all(NUMBER.match(x) for x in sirius_row.split()[2:]), sirius_row
     assert "\x1b" not in text and "Traceback" not in out.stderr
 
