@@ -160,8 +160,9 @@ def mlp_bytes_ratio(f, mode):
     return {"dense": 1.0, "coarse": f, "fine": (1 + 2 * f) / 3}[mode]
 
 
-def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.float32, reps=None, seconds=3.0):
-    """ms per decode-step MLP (T = 1, CPU, one thread) for dense, fine and coarse at each kept fraction f.
+def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.float32, reps=None, seconds=3.0,
+              device="cpu"):
+    """ms per decode-step MLP (T = 1; one thread on a CPU) for dense, fine and coarse at each kept fraction f.
 
     Random weights, as many layers (<= 64) as make 256 MB so that, as in a decode step, each layer's weights
     come from memory, not cache; a timing is one pass over all layers / their number. Every round times all
@@ -171,10 +172,11 @@ def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.flo
     """
     g = torch.Generator().manual_seed(0)
     layers = min(64, -(-(256 << 20) // (3 * hidden * intermediate * torch.finfo(dtype).bits // 8)))
-    ws = [[(0.02 * torch.randn(intermediate, hidden, generator=g)).to(dtype) for _ in range(3)]
+    ws = [[(0.02 * torch.randn(intermediate, hidden, generator=g)).to(device, dtype) for _ in range(3)]
           for _ in range(layers)]
-    x = torch.randn(1, hidden, generator=g).to(dtype)
-    prompt = torch.randn(16, hidden, generator=g).to(dtype)
+    x = torch.randn(1, hidden, generator=g).to(device, dtype)
+    prompt = torch.randn(16, hidden, generator=g).to(device, dtype)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     cases = [("dense", 1.0, 1.0, [lambda w=w: dense_mlp(x, *w) for w in ws])]
     for f in fractions:
         k = kept(intermediate, f)
@@ -189,6 +191,7 @@ def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.flo
         for *_, runs in cases:                                         # warm-up (first touch of every buffer)
             for run in runs:
                 run()
+        sync()
         reps = reps or max(5, min(300, int(seconds / (time.perf_counter() - start))))
         times = [[] for _ in cases]
         for _ in range(reps):
@@ -196,6 +199,7 @@ def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.flo
                 t0 = time.perf_counter()
                 for run in runs:                                       # one decode step through all layers
                     run()
+                sync()
                 t.append((time.perf_counter() - t0) / layers)
     finally:
         torch.set_num_threads(threads)

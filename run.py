@@ -446,7 +446,7 @@ def bench(args):
         shapes.append((4096, 14336, "Llama-3-8B layer"))
     for h, D, name in shapes:
         print(f"\n2. MLP of one decode step, {name} (h {h}, D {D}): time / dense beside the bytes it must read")
-        rows = kernels.bench_mlp(h, D, dtype=dtype, reps=3 if args.quick else None)
+        rows = kernels.bench_mlp(h, D, dtype=dtype, reps=3 if args.quick else None, device=args.device)
         print_table(["mode", "f", "ms", "ratio", "ideal", "ratio / ideal"],
                     [[r["mode"], r["f"], f"{r['ms']:.3f}", f"{r['ratio']:.3f}", f"{r['ideal']:.3f}",
                       f"{r['ratio'] / r['ideal']:.2f}"] for r in rows])

@@ -125,29 +125,33 @@ def prompts(smollm):
     return [encode_chat(tok, p) for p in PROMPTS]
 
 
+@pytest.fixture(scope="module")
+def dense(smollm, prompts):
+    """Dense greedy answers (64 tokens) to every prompt: the reference the lossless cases must match."""
+    return [generate(smollm[0], p, 64).tokens for p in prompts]
+
+
 @pytest.mark.parametrize("sparsity", ["fine", "coarse"])
-def test_strict_sirius_is_dense_greedy(smollm, prompts, sparsity):
+def test_strict_sirius_is_dense_greedy(smollm, prompts, dense, sparsity):
     model, _ = smollm
-    for prompt in prompts[:3]:
-        dense = generate(model, prompt, 64).tokens
-        res = sirius(model, prompt, 64, sparsity=sparsity, density=0.5, strict=True)
-        assert res.tokens == dense
+    for prompt, reference in zip(prompts[:3], dense):
+        res = sirius(model, prompt, 64, sparsity=sparsity, density=0.5, period=8, strict=True)
+        assert len(res.tokens) == 64 and res.tokens == reference
         assert res.corrections > 0  # the sparse model did go wrong: strict mode had work to do
 
 
-def test_density_one_is_dense_greedy(smollm, prompts):
+def test_density_one_is_dense_greedy(smollm, prompts, dense):
     model, _ = smollm
-    dense = generate(model, prompts[0], 48).tokens
     for sparsity in ("fine", "coarse"):
-        assert sirius(model, prompts[0], 48, sparsity=sparsity, density=1.0, threshold=0.1).tokens == dense
+        assert sirius(model, prompts[0], 64, sparsity=sparsity, density=1.0, threshold=0.1).tokens == dense[0]
 
 
-def test_threshold_zero_and_above_one(smollm, prompts):
+def test_threshold_zero_and_above_one(smollm, prompts, dense):
     model, _ = smollm
     everything = sirius(model, prompts[1], 40, sparsity="fine", density=0.3, threshold=0.0)
     assert everything.advances == [16, 16, 7]  # 1 token from prefill, two whole periods, a short window
-    nothing = sirius(model, prompts[1], 40, sparsity="fine", density=0.3, threshold=1.5)
-    assert nothing.aal == 1 and nothing.tokens == generate(model, prompts[1], 40).tokens
+    nothing = sirius(model, prompts[1], 64, sparsity="fine", density=0.3, period=4, threshold=1.5)
+    assert nothing.aal == 1 and nothing.tokens == dense[1]
 
 
 def test_kv_rewrite_after_every_verification(smollm, prompts, monkeypatch):
@@ -183,18 +187,17 @@ def test_coarse_selection_fixed_for_the_request(smollm, prompts):
     assert any(not torch.equal(a, b) for a, b in zip(before, other.idx))
 
 
-def test_sparsity_hurts_and_sirius_repairs(smollm, prompts):
+def test_sparsity_hurts_and_sirius_repairs(smollm, prompts, dense):
     """Full-model NLL: dense < Sirius < sparse, with Sirius >= 60% of the way back from sparse to dense."""
     model, _ = smollm
     nll = {"dense": [], "sparse": [], "sirius": []}
     aal = []
-    for prompt in prompts:
-        for name, res in [("dense", generate(model, prompt, 64)),
-                          ("sparse", generate(model, prompt, 64, sparsity="fine", density=0.5)),
-                          ("sirius", sirius(model, prompt, 64, sparsity="fine", density=0.5))]:
-            nll[name].append(full_model_nll(model, prompt, res.tokens))
-            if name == "sirius":
-                aal.append(res.aal)
+    for prompt, reference in zip(prompts, dense):
+        res = sirius(model, prompt, 64, sparsity="fine", density=0.5)
+        aal.append(res.aal)
+        for name, tokens in [("dense", reference), ("sirius", res.tokens),
+                             ("sparse", generate(model, prompt, 64, sparsity="fine", density=0.5).tokens)]:
+            nll[name].append(full_model_nll(model, prompt, tokens))
     mean = {k: sum(v) / len(v) for k, v in nll.items()}
     recovered = (mean["sparse"] - mean["sirius"]) / (mean["sparse"] - mean["dense"])
     print(f"mean full-model NLL {mean}, recovered {recovered:.0%}, AAL {sum(aal) / len(aal):.2f}/16")
