@@ -211,7 +211,7 @@ def read_weights(reader, config) -> dict:
     tensors = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":  # llama3-style rope scaling table; we do not support it
-            raise ValueError(f"rope scaling (rope_freqs) is not supported")
+            raise ValueError("rope scaling (rope_freqs) is not supported")
         name, w = hf_name(t.name), dequantize(t)
         if name.endswith("q_proj.weight"):
             w = unpermute_rope_rows(w, config["num_attention_heads"])

@@ -9,7 +9,6 @@ Every mistake a user can make ends in one line on stderr and exit code 2.
 """
 import argparse
 import json
-import math
 import random
 import re
 import sys
@@ -121,9 +120,8 @@ def open_model_folder(args):
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
-    if args.sirius if hasattr(args, "sirius") else False:
-        if args.sparsity == "none":
-            raise UsageError("--sirius needs a sparse model to correct: --sparsity fine or coarse")
+    if getattr(args, "sirius", False) and args.sparsity == "none":
+        raise UsageError("--sirius needs a sparse model to correct: --sparsity fine or coarse")
     if args.model is None:
         from convert_gguf import default_model_dir
         args.model = default_model_dir()
@@ -149,7 +147,7 @@ def encode(args, tok, cfg, text, examples=()):
 
 # --- the demo -------------------------------------------------------------------------------------
 
-FULL, DRAFT, DIM, RESET = "\033[1;33m", "\033[32m", "\033[2m", "\033[0m"
+FULL, DRAFT, RESET = "\033[1;33m", "\033[32m", "\033[0m"
 
 
 class Printer:

@@ -6,7 +6,6 @@ against transformers, which is deliberately not a dependency of this repo.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

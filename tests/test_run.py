@@ -135,3 +135,13 @@ def test_bench_smoke(smollm_dir, capsys):
     for row in rows:
         figures = [x for x in row if NUMBER.match(x)]
         assert figures and all(math.isfinite(float(x.split("/")[0])) for x in figures), row
+
+
+def test_eval_reads_gsm8k_jsonl(smollm_dir, tmp_path, capsys):
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text(json.dumps({"question": "What is 3 + 4?", "answer": "3 + 4 = 7\n#### 7"}) + "\n\n" +
+                    json.dumps({"question": "What is 2 times 5?", "answer": "#### 10"}) + "\n")
+    run.main(["eval", "--data", str(data), "--sparsity", "coarse", "--max-new-tokens", "16"])
+    text = capsys.readouterr().out
+    assert text.lstrip().startswith("2 questions") and re.search(r"^coarse\s", text, re.M)
+    assert not re.search(r"^fine\s", text, re.M)
