@@ -285,6 +285,8 @@ class Progress:
 
 
 def evaluate(args):
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise UsageError(f"--out {args.out}: its folder does not exist")
     cfg, tok = open_model_folder(args)
     problems = load_gsm8k(args.data) if args.data else arithmetic_task()
     problems = problems[:args.limit] if args.limit else problems

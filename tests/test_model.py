@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import TINY_CONFIG, write_checkpoint
 from model import chat_prompt, load_model, load_tokenizer
@@ -93,6 +94,12 @@ def test_load_errors(tmp_path):
     write_checkpoint(tmp_path, {**TINY_CONFIG, "intermediate_size": 48})
     (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))  # config disagrees with the weights
     with pytest.raises(ValueError, match=r"gate_proj.weight has shape \(48, 32\), expected \(64, 32\)"):
+        load_model(tmp_path)
+    write_checkpoint(tmp_path, TINY_CONFIG)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="model.norm.weight holds NaN"):
         load_model(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(ValueError, match="cannot read"):

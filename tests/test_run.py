@@ -87,6 +87,7 @@ def test_eval_data_errors(smollm_dir, tmp_path, capsys):
     assert f"{f}:2: not valid JSON" in error_of(["eval", "--data", str(f)], capsys)
     f.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?"}\n')
     assert f"{f}:2: needs the fields" in error_of(["eval", "--data", str(f)], capsys)
+    assert "its folder does not exist" in error_of(["eval", "--out", str(tmp_path / "no" / "r.json")], capsys)
     f.write_text('{"question": "1+1?", "answer": "two"}\n')
     assert f"{f}:1: the answer does not end in" in error_of(["eval", "--data", str(f)], capsys)
 
