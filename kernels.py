@@ -21,8 +21,8 @@ def kept(D, f):
     return max(1, round(f * D))
 
 
-def _rows_matmul(c, w):
-    """c (T, D) @ w (D, h): combine w's rows with weights c.
+def down_proj(c, w):
+    """c (T, D) @ w (D, h): combine w's rows (w_down_t's neurons) with weights c.
 
     On a CPU without AVX512, torch multiplies bf16/fp16 in this layout with a generic loop, 5-40x slower than
     F.linear on the HF layout; embedding_bag sums rows with fp32 accumulation at full speed (one bag per token),
@@ -43,7 +43,12 @@ def dense_mlp(x, w_gate, w_up, w_down_t):
     gemv is a little slower on it); it buys the fine path reading single neurons' rows. Multi-token passes
     run as fast as with the HF layout.
     """
-    return _rows_matmul(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down_t)   # (T, D) @ (D, h)
+    return down_proj(swiglu(x, w_gate, w_up), w_down_t)                # (T, D) @ (D, h)
+
+
+def swiglu(x, w_gate, w_up):
+    """The MLP's neuron activations (T, D): silu(x Wg^T) * (x Wu^T)."""
+    return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
 
 
 # --- fine-grained (paper: FSparse, CATS-style): per token, the k neurons with the largest |SiLU(gate)| -------
@@ -57,7 +62,7 @@ def fine_mlp_reference(x, w_gate, w_up, w_down_t, k):
     """The readable fine-sparse MLP for any T: the dense MLP with each token's unkept neurons zeroed."""
     a = F.silu(F.linear(x, w_gate))                                    # (T, D)
     keep = torch.zeros_like(a).scatter_(-1, select_fine(a, k), 1.0)    # (T, D) 0/1 mask, k ones per row
-    return _rows_matmul(a * keep * F.linear(x, w_up), w_down_t)        # (T, h)
+    return down_proj(a * keep * F.linear(x, w_up), w_down_t)        # (T, h)
 
 
 def _fine_plan(x, k, D):
@@ -104,13 +109,13 @@ def fine_mlp(x, w_gate, w_up, w_down_t, k):
 
 # --- coarse-grained (paper: CSparse, GRIFFIN): neurons chosen once from the prompt ------------------------
 
-def griffin_scores(x, w_gate, w_up):
-    """Per-neuron score (D,) fp32 from the dense prefill input x (T, h).
+def griffin_scores(z):
+    """Per-neuron score (D,) fp32 from the MLP activations z (T, D) = swiglu(...) of the dense prompt prefill.
 
     Each token's activation row is normalised first, so every prompt token gets an equal vote; a neuron's
     score is then the L2 norm of its column: large if it fires strongly for many tokens.
     """
-    z = (F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)).float()    # (T, D)
+    z = z.float()
     z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)               # each token's row to unit length
     return z.norm(dim=0)                                               # (D,)
 
@@ -128,7 +133,7 @@ def slice_mlp(w_gate, w_up, w_down_t, idx):
 def coarse_mlp_reference(x, w_gate, w_up, w_down_t, idx):
     """The readable coarse-sparse MLP: the dense MLP with the same unkept neurons zeroed for every token."""
     keep = torch.zeros(w_gate.shape[0], dtype=x.dtype, device=x.device).index_fill_(0, idx, 1.0)   # (D,)
-    return _rows_matmul(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up) * keep, w_down_t)
+    return down_proj(swiglu(x, w_gate, w_up) * keep, w_down_t)
 
 
 # --- accounting ------------------------------------------------------------------------------------------
@@ -180,7 +185,7 @@ def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.flo
     cases = [("dense", 1.0, 1.0, [lambda w=w: dense_mlp(x, *w) for w in ws])]
     for f in fractions:
         k = kept(intermediate, f)
-        sliced = [slice_mlp(*w, select_coarse(griffin_scores(prompt, w[0], w[1]), k)) for w in ws]
+        sliced = [slice_mlp(*w, select_coarse(griffin_scores(swiglu(prompt, w[0], w[1])), k)) for w in ws]
         reads = {"stream": 1.0, "gather": (1 + 2 * f) / 3, "gather_down": (2 + f) / 3}[_fine_plan(x, k, intermediate)]
         cases.append(("fine", f, reads, [lambda w=w, k=k: fine_mlp(x, *w, k) for w in ws]))
         cases.append(("coarse", f, k / intermediate, [lambda s=s: dense_mlp(x, *s) for s in sliced]))

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels import density as density_of, dense_mlp, fine_mlp, griffin_scores, kept, select_coarse, slice_mlp
+from kernels import (density as density_of, dense_mlp, down_proj, fine_mlp, griffin_scores, kept, select_coarse,
+                     slice_mlp, swiglu)
 
 ACCEPT_TEMPERATURE = 0.6  # the paper's code scores drafts with softmax(logits / 0.6); fixed, not tuned
 
@@ -56,10 +57,11 @@ def prefill(model, prompt, sparsity="none", density=0.5):
         return model(prompt, 0)[-1], FineMLP(model, density)
     scores = [None] * len(model.layers)
 
-    def scoring_mlp(i, x):
+    def scoring_mlp(i, x):  # the dense MLP, keeping each layer's neuron scores on the way
         L = model.layers[i]
-        scores[i] = griffin_scores(x, L.w_gate, L.w_up)
-        return model.dense_mlp(i, x)
+        z = swiglu(x, L.w_gate, L.w_up)                                   # (T, D)
+        scores[i] = griffin_scores(z)
+        return down_proj(z, L.w_down_t)
 
     logits = model(prompt, 0, mlp=scoring_mlp)
     return logits[-1], CoarseMLP(model, scores, density)

@@ -7,7 +7,7 @@ import torch
 
 from kernels import (GATHER_BELOW, bench_mlp, coarse_mlp_reference, dense_mlp, density, fine_mlp,
                      fine_mlp_reference, griffin_scores, kept, mlp_bytes_ratio, select_coarse, select_fine,
-                     slice_mlp)
+                     slice_mlp, swiglu)
 
 FRACTIONS = [0.25, 0.5, 0.75, 1.0]
 LLAMA3_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -31,7 +31,7 @@ def check_paths(x, w, f):
     D = w[0].shape[0]
     k = kept(D, f)
     assert (fine_mlp(x, *w, k) - fine_mlp_reference(x, *w, k)).abs().max() <= 1e-4
-    idx = select_coarse(griffin_scores(x, w[0], w[1]), k)
+    idx = select_coarse(griffin_scores(swiglu(x, w[0], w[1])), k)
     assert (dense_mlp(x, *slice_mlp(*w, idx)) - coarse_mlp_reference(x, *w, idx)).abs().max() <= 1e-4
 
 
@@ -100,7 +100,7 @@ def test_griffin_scores_by_hand():
         norm = math.sqrt(sum(v * v for v in z[t]))
         z[t] = [v / norm for v in z[t]]
     expected = [math.sqrt(sum(z[t][j] ** 2 for t in range(3))) for j in range(7)]
-    scores = griffin_scores(x, wg, wu)
+    scores = griffin_scores(swiglu(x, wg, wu))
     assert scores.dtype == torch.float32 and scores.shape == (7,)
     assert torch.allclose(scores, torch.tensor(expected), atol=1e-5)
 
