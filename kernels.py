@@ -5,8 +5,6 @@ w_gate, w_up (D, h) as in Hugging Face, and w_down_t (D, h) = HF's down_proj (h,
 down-projection is one contiguous row that a sparse step can read alone. x is (T, h); a decode step has T = 1.
 Timings quoted below: one thread of a 2-core AMD EPYC (AVX2), fp32, Llama-3-8B layer (h 4096, D 14336).
 """
-import statistics
-import time
 import warnings
 
 import torch
@@ -163,51 +161,3 @@ def density(cfg, f, mode):
 def mlp_bytes_ratio(f, mode):
     """Ideal sparse/dense MLP decode time: weights read, since a batch-1 step is memory-bound (SIRIUS.md §6)."""
     return {"dense": 1.0, "coarse": f, "fine": (1 + 2 * f) / 3}[mode]
-
-
-def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.float32, reps=None, seconds=3.0,
-              device="cpu"):
-    """ms per decode-step MLP (T = 1; one thread on a CPU) for dense, fine and coarse at each kept fraction f.
-
-    Random weights, as many layers (<= 64) as make 256 MB so that, as in a decode step, each layer's weights
-    come from memory, not cache; a timing is one pass over all layers / their number. Every round times all
-    variants back to back, so machine noise hits them alike; medians. reps=None: as many rounds as fit in
-    `seconds` (5 to 300). Rows: mode, f, ms, ratio (to dense), ideal (mlp_bytes_ratio) and reads (what the
-    code path actually streams, as a fraction of dense).
-    """
-    g = torch.Generator().manual_seed(0)
-    layers = min(64, -(-(256 << 20) // (3 * hidden * intermediate * torch.finfo(dtype).bits // 8)))
-    ws = [[(0.02 * torch.randn(intermediate, hidden, generator=g)).to(device, dtype) for _ in range(3)]
-          for _ in range(layers)]
-    x = torch.randn(1, hidden, generator=g).to(device, dtype)
-    prompt = torch.randn(16, hidden, generator=g).to(device, dtype)
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    cases = [("dense", 1.0, 1.0, [lambda w=w: dense_mlp(x, *w) for w in ws])]
-    for f in fractions:
-        k = kept(intermediate, f)
-        sliced = [slice_mlp(*w, select_coarse(griffin_scores(swiglu(prompt, w[0], w[1])), k)) for w in ws]
-        reads = {"stream": 1.0, "gather": (1 + 2 * f) / 3, "gather_down": (2 + f) / 3}[_fine_plan(x, k, intermediate)]
-        cases.append(("fine", f, reads, [lambda w=w, k=k: fine_mlp(x, *w, k) for w in ws]))
-        cases.append(("coarse", f, k / intermediate, [lambda s=s: dense_mlp(x, *s) for s in sliced]))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.perf_counter()
-        for *_, runs in cases:                                         # warm-up (first touch of every buffer)
-            for run in runs:
-                run()
-        sync()
-        reps = reps or max(5, min(300, int(seconds / (time.perf_counter() - start))))
-        times = [[] for _ in cases]
-        for _ in range(reps):
-            for t, (*_, runs) in zip(times, cases):
-                t0 = time.perf_counter()
-                for run in runs:                                       # one decode step through all layers
-                    run()
-                sync()
-                t.append((time.perf_counter() - t0) / layers)
-    finally:
-        torch.set_num_threads(threads)
-    ms = [statistics.median(t) * 1e3 for t in times]
-    return [dict(mode=m, f=f, ms=t, ratio=t / ms[0], ideal=mlp_bytes_ratio(f, m), reads=r)
-            for (m, f, r, _), t in zip(cases, ms)]

@@ -10,11 +10,11 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from tokenizers import Tokenizer
 
 from kernels import dense_mlp
 
@@ -87,17 +87,6 @@ def rms_norm(x, weight, eps):
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-class Layer:
-    """One decoder block's weights. The block's computation lives in `Llama.forward`, in one place."""
-
-    def __init__(self, w: dict):
-        self.attn_norm, self.mlp_norm = w["attn_norm"], w["mlp_norm"]     # (h,)
-        self.wq, self.wk, self.wv, self.wo = w["wq"], w["wk"], w["wv"], w["wo"]  # (out, in) as in HF
-        # MLP rows are neurons in all three matrices: down_proj is kept transposed, (D, h), so that a
-        # sparse step can read just the kept neurons' rows (see kernels.py).
-        self.w_gate, self.w_up, self.w_down_t = w["w_gate"], w["w_up"], w["w_down_t"]
-
-
 class Llama:
     """The decoder plus its KV cache. Build it with `load_model`; weights are plain tensors."""
 
@@ -105,8 +94,11 @@ class Llama:
         self.cfg, self.max_seq_len = cfg, max_seq_len
         self.embed, self.norm = weights["embed"], weights["norm"]          # (vocab, h), (h,)
         self.lm_head = weights["embed"] if cfg.tie_word_embeddings else weights["lm_head"]
-        self.layers = [Layer({k.split(".")[2]: v for k, v in weights.items() if k.startswith(f"layers.{i}.")})
-                       for i in range(cfg.num_hidden_layers)]
+        # layers[i]: attn_norm, mlp_norm (h,); wq, wk, wv, wo (out, in) as in HF; w_gate, w_up, w_down_t (D, h).
+        # MLP rows are neurons in all three: down_proj is kept transposed so a sparse step reads just the kept
+        # neurons' rows (see kernels.py). The block's computation is in `forward`, in one place.
+        self.layers = [SimpleNamespace(**{k.split(".")[2]: v for k, v in weights.items()
+                                          if k.startswith(f"layers.{i}.")}) for i in range(cfg.num_hidden_layers)]
         device, dtype = self.embed.device, self.embed.dtype
         cos, sin = rope_tables(cfg, max_seq_len)
         self.cos, self.sin = cos.to(device, dtype), sin.to(device, dtype)  # (max_seq_len, hd)
@@ -156,16 +148,6 @@ class Llama:
 
 # --- loading a Hugging Face checkpoint ------------------------------------------------------------
 
-HF_NAMES = {  # our parameter name -> HF name ({} is the layer index)
-    "attn_norm": "model.layers.{}.input_layernorm.weight",
-    "mlp_norm": "model.layers.{}.post_attention_layernorm.weight",
-    "wq": "model.layers.{}.self_attn.q_proj.weight", "wk": "model.layers.{}.self_attn.k_proj.weight",
-    "wv": "model.layers.{}.self_attn.v_proj.weight", "wo": "model.layers.{}.self_attn.o_proj.weight",
-    "w_gate": "model.layers.{}.mlp.gate_proj.weight", "w_up": "model.layers.{}.mlp.up_proj.weight",
-    "w_down_t": "model.layers.{}.mlp.down_proj.weight",
-}
-
-
 def read_config(model_dir) -> LlamaConfig:
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
@@ -197,15 +179,19 @@ def load_model(model_dir, max_seq_len: int = 2048, dtype=torch.float32, device="
     """Read a HF Llama folder; every tensor is checked by name and shape before the model is built."""
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
-    h, D, hd, L = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_hidden_layers
+    h, D, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    shapes = {"attn_norm": (h,), "mlp_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h),
-              "wo": (h, q), "w_gate": (D, h), "w_up": (D, h), "w_down_t": (h, D)}  # HF shapes
+    per_layer = {  # our name -> (HF name within the layer, HF shape)
+        "attn_norm": ("input_layernorm", (h,)), "mlp_norm": ("post_attention_layernorm", (h,)),
+        "wq": ("self_attn.q_proj", (q, h)), "wk": ("self_attn.k_proj", (kv, h)), "wv": ("self_attn.v_proj", (kv, h)),
+        "wo": ("self_attn.o_proj", (h, q)), "w_gate": ("mlp.gate_proj", (D, h)), "w_up": ("mlp.up_proj", (D, h)),
+        "w_down_t": ("mlp.down_proj", (h, D))}  # stored transposed below
     wanted = {"embed": ("model.embed_tokens.weight", (cfg.vocab_size, h)), "norm": ("model.norm.weight", (h,))}
     if not cfg.tie_word_embeddings:
         wanted["lm_head"] = ("lm_head.weight", (cfg.vocab_size, h))
-    for i in range(L):
-        wanted.update({f"layers.{i}.{ours}": (hf.format(i), shapes[ours]) for ours, hf in HF_NAMES.items()})
+    for i in range(cfg.num_hidden_layers):
+        wanted.update({f"layers.{i}.{ours}": (f"model.layers.{i}.{hf}.weight", shape)
+                       for ours, (hf, shape) in per_layer.items()})
     files, handles, weights = safetensors_files(model_dir), {}, {}
     try:
         for ours, (hf, shape) in wanted.items():
@@ -224,38 +210,3 @@ def load_model(model_dir, max_seq_len: int = 2048, dtype=torch.float32, device="
     except (OSError, RuntimeError, SafetensorError) as e:  # unreadable, truncated or corrupt shard
         raise ValueError(f"{model_dir}: cannot read weights ({e})") from None
     return Llama(cfg, weights, max_seq_len)
-
-
-# --- tokenizer and chat formatting -----------------------------------------------------------------
-
-def load_tokenizer(model_dir) -> Tokenizer:
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {model_dir}")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
-        raise ValueError(f"{path}: cannot read tokenizer ({e})") from None
-
-
-def chat_prompt(tok: Tokenizer, user: str, examples=()) -> str:
-    """One user turn in the model's chat format (Llama-3 headers, ChatML as in SmolLM2, or none), after
-    optional worked examples given as earlier (question, answer) turns: few-shot prompting."""
-    vocab, turns = tok.get_vocab(), [*examples, (user, None)]
-    if "<|start_header_id|>" in vocab:
-        turn = lambda role, text: f"<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>"  # noqa: E731
-        head, open_reply = "<|begin_of_text|>", "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    elif "<|im_start|>" in vocab:
-        turn = lambda role, text: f"<|im_start|>{role}\n{text}<|im_end|>\n"  # noqa: E731
-        head = turn("system", "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
-        open_reply = "<|im_start|>assistant\n"
-    else:
-        return "".join(f"{q}\n{a}\n\n" for q, a in examples) + user
-    return head + "".join(turn("user", q) + (turn("assistant", a) if a else "") for q, a in turns) + open_reply
-
-
-def stop_ids(cfg: LlamaConfig, tok: Tokenizer) -> list:
-    """Token ids that end an answer: the config's EOS plus the chat end-of-turn markers the vocabulary has."""
-    vocab = tok.get_vocab()
-    return sorted(set(cfg.eos_token_id) | {vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>",
-                                                               "<|end_of_text|>") if t in vocab})

@@ -11,14 +11,16 @@ import argparse
 import json
 import random
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 import kernels
-from model import Llama, LlamaConfig, chat_prompt, load_model, load_tokenizer, read_config, stop_ids
+from model import Llama, LlamaConfig, load_model, read_config
 from sirius_min import average_advance_length, effective_density, full_model_nll, generate, sirius
 
 DEMO_PROMPT = "Mia buys 4 packs of stickers with 6 stickers in each pack. How many stickers does she have?"
@@ -126,6 +128,39 @@ def open_model_folder(args):
         from convert_gguf import default_model_dir
         args.model = default_model_dir()
     return read_config(args.model), load_tokenizer(args.model)
+
+
+def load_tokenizer(model_dir) -> Tokenizer:
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {model_dir}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
+        raise ValueError(f"{path}: cannot read tokenizer ({e})") from None
+
+
+def chat_prompt(tok: Tokenizer, user: str, examples=()) -> str:
+    """One user turn in the model's chat format (Llama-3 headers, ChatML as in SmolLM2, or none), after
+    optional worked examples given as earlier (question, answer) turns: few-shot prompting."""
+    vocab, turns = tok.get_vocab(), [*examples, (user, None)]
+    if "<|start_header_id|>" in vocab:
+        turn = lambda role, text: f"<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>"  # noqa: E731
+        head, open_reply = "<|begin_of_text|>", "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    elif "<|im_start|>" in vocab:
+        turn = lambda role, text: f"<|im_start|>{role}\n{text}<|im_end|>\n"  # noqa: E731
+        head = turn("system", "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+        open_reply = "<|im_start|>assistant\n"
+    else:
+        return "".join(f"{q}\n{a}\n\n" for q, a in examples) + user
+    return head + "".join(turn("user", q) + (turn("assistant", a) if a else "") for q, a in turns) + open_reply
+
+
+def stop_ids(cfg, tok: Tokenizer) -> list:
+    """Token ids that end an answer: the config's EOS plus the chat end-of-turn markers the vocabulary has."""
+    vocab = tok.get_vocab()
+    return sorted(set(cfg.eos_token_id) | {vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>",
+                                                               "<|end_of_text|>") if t in vocab})
 
 
 def load_weights(args, cfg, longest_prompt):
@@ -385,6 +420,53 @@ def median_time(fn, reps):
     return sorted(times)[reps // 2]
 
 
+def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.float32, reps=None, seconds=3.0,
+              device="cpu"):
+    """ms per decode-step MLP (T = 1; one thread on a CPU) for dense, fine and coarse at each kept fraction f.
+
+    Random weights, as many layers (<= 64) as make 256 MB so that, as in a decode step, each layer's weights
+    come from memory, not cache; a timing is one pass over all layers / their number. Every round times all
+    variants back to back, so machine noise hits them alike; medians. reps=None: as many rounds as fit in
+    `seconds` (5 to 300). Rows: mode, f, ms, ratio (to dense) and ideal (kernels.mlp_bytes_ratio).
+    """
+    g = torch.Generator().manual_seed(0)
+    layers = min(64, -(-(256 << 20) // (3 * hidden * intermediate * torch.finfo(dtype).bits // 8)))
+    ws = [[(0.02 * torch.randn(intermediate, hidden, generator=g)).to(device, dtype) for _ in range(3)]
+          for _ in range(layers)]
+    x = torch.randn(1, hidden, generator=g).to(device, dtype)
+    prompt = torch.randn(16, hidden, generator=g).to(device, dtype)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    cases = [("dense", 1.0, [lambda w=w: kernels.dense_mlp(x, *w) for w in ws])]
+    for f in fractions:
+        k = kernels.kept(intermediate, f)
+        scores = [kernels.griffin_scores(kernels.swiglu(prompt, w[0], w[1])) for w in ws]
+        sliced = [kernels.slice_mlp(*w, kernels.select_coarse(s, k)) for w, s in zip(ws, scores)]
+        cases.append(("fine", f, [lambda w=w, k=k: kernels.fine_mlp(x, *w, k) for w in ws]))
+        cases.append(("coarse", f, [lambda s=s: kernels.dense_mlp(x, *s) for s in sliced]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for *_, runs in cases:                                         # warm-up (first touch of every buffer)
+            for run in runs:
+                run()
+        sync()
+        reps = reps or max(5, min(300, int(seconds / (time.perf_counter() - start))))
+        times = [[] for _ in cases]
+        for _ in range(reps):
+            for t, (*_, runs) in zip(times, cases):
+                t0 = time.perf_counter()
+                for run in runs:                                       # one decode step through all layers
+                    run()
+                sync()
+                t.append((time.perf_counter() - t0) / layers)
+    finally:
+        torch.set_num_threads(threads)
+    ms = [statistics.median(t) * 1e3 for t in times]
+    return [dict(mode=m, f=f, ms=t, ratio=t / ms[0], ideal=kernels.mlp_bytes_ratio(f, m))
+            for (m, f, _), t in zip(cases, ms)]
+
+
 def decode_rows(model, prompt, n, args, rounds, with_sirius=True):
     """ms/token of dense, sparse and Sirius decoding, interleaved `rounds` times (medians), as table rows."""
     runs = {"dense": lambda: generate(model, prompt, n)}
@@ -446,7 +528,7 @@ def bench(args):
         shapes.append((4096, 14336, "Llama-3-8B layer"))
     for h, D, name in shapes:
         print(f"\n2. MLP of one decode step, {name} (h {h}, D {D}): time / dense beside the bytes it must read")
-        rows = kernels.bench_mlp(h, D, dtype=dtype, reps=3 if args.quick else None, device=args.device)
+        rows = bench_mlp(h, D, dtype=dtype, reps=3 if args.quick else None, device=args.device)
         print_table(["mode", "f", "ms", "ratio", "ideal", "ratio / ideal"],
                     [[r["mode"], r["f"], f"{r['ms']:.3f}", f"{r['ratio']:.3f}", f"{r['ideal']:.3f}",
                       f"{r['ratio'] / r['ideal']:.2f}"] for r in rows])

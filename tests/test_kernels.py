@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels import (GATHER_BELOW, bench_mlp, coarse_mlp_reference, dense_mlp, density, fine_mlp,
+from kernels import (GATHER_BELOW, coarse_mlp_reference, dense_mlp, density, fine_mlp,
                      fine_mlp_reference, griffin_scores, kept, mlp_bytes_ratio, select_coarse, select_fine,
                      slice_mlp, swiglu)
 
@@ -125,14 +125,6 @@ def test_kept_and_ideal_ratios():
     assert kept(14336, 0.5) == 7168 and kept(1536, 0.25) == 384 and kept(10, 0.01) == 1
     assert mlp_bytes_ratio(0.5, "coarse") == 0.5 and mlp_bytes_ratio(0.5, "fine") == pytest.approx(2 / 3)
     assert 0 < GATHER_BELOW <= 1
-
-
-def test_bench_mlp_smoke():
-    rows = bench_mlp(32, 96, fractions=(0.5, 0.25), reps=2)
-    assert [(r["mode"], r["f"]) for r in rows] == [("dense", 1.0), ("fine", 0.5), ("coarse", 0.5),
-                                                   ("fine", 0.25), ("coarse", 0.25)]
-    for r in rows:
-        assert all(math.isfinite(r[key]) and r[key] > 0 for key in ("ms", "ratio", "ideal", "reads"))
 
 
 def test_param_count_llama3_8b():

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_CONFIG, write_checkpoint
-from model import chat_prompt, load_model, load_tokenizer
+from model import load_model
+from run import chat_prompt, load_tokenizer
 
 
 def incremental_logits(model, tokens):

@@ -146,3 +146,11 @@ def test_eval_reads_gsm8k_jsonl(smollm_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.lstrip().startswith("2 questions") and re.search(r"^coarse\s", text, re.M)
     assert not re.search(r"^fine\s", text, re.M)
+
+
+def test_bench_mlp_smoke():
+    rows = run.bench_mlp(32, 96, fractions=(0.5, 0.25), reps=2)
+    assert [(r["mode"], r["f"]) for r in rows] == [("dense", 1.0), ("fine", 0.5), ("coarse", 0.5),
+                                                   ("fine", 0.25), ("coarse", 0.25)]
+    for r in rows:
+        assert all(math.isfinite(r[key]) and r[key] > 0 for key in ("ms", "ratio", "ideal"))
