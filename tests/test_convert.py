@@ -1,19 +1,25 @@
 """Tests for convert_gguf: the converted folder's config, weights and tokenizer,
-the Q/K row un-permutation, and one-line errors on bad input.
+the Q/K row un-permutation, one-line errors on bad input, and what Ctrl-C,
+SIGTERM, SIGKILL and a full disk leave behind (nothing but one error line).
 
 Whether the weights are *right* (the model answers "Paris") is checked by hand
 against transformers, which is deliberately not a dependency of this repo.
 """
 
+import errno
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from safetensors import safe_open
-from tokenizers import Tokenizer
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer, models
 
 import convert_gguf
 
@@ -188,17 +194,25 @@ def test_refuses_to_overwrite_a_non_empty_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
-def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_gguf(monkeypatch):
+    """convert() without reading a GGUF: a tiny config, tensor and tokenizer, so only the writing runs."""
+    monkeypatch.setattr(convert_gguf, "open_gguf", lambda path: None)
+    monkeypatch.setattr(convert_gguf, "read_config", lambda reader: {"model_type": "llama"})
+    monkeypatch.setattr(convert_gguf, "read_weights", lambda reader, config: {"w": np.zeros(4, np.float32)})
+    monkeypatch.setattr(convert_gguf, "build_tokenizer", lambda reader: Tokenizer(models.BPE()))
+
+
+def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch, fake_gguf):
     import safetensors.numpy
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    # Skip the slow dequantization; fail while the temp folder is half written.
-    monkeypatch.setattr(convert_gguf, "read_weights", lambda reader, config: {})
+    # Fail while the temp folder is half written (config.json is already there).
     monkeypatch.setattr(safetensors.numpy, "save_file", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        convert_gguf.convert(convert_gguf.find_default_gguf(), tmp_path / "out")
+        convert_gguf.convert("unused.gguf", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -218,3 +232,151 @@ def test_default_model_dir_reuses_existing_conversion(smollm_dir):
     # Same cache folder -> returned as is, without converting again.
     assert convert_gguf.default_model_dir(smollm_dir.parent) == smollm_dir
     assert convert_gguf.default_model_dir() == smollm_dir
+
+
+# --------------------------------------------------------------------------
+# User mistakes, interruptions and a full disk
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["out1", "out2"], ["--gguf"], ["--gguf", "model.gguf"]])
+def test_argument_mistakes_get_one_error_line(tmp_path, argv):
+    proc = subprocess.run([sys.executable, str(REPO / "convert_gguf.py"), *argv],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# convert_gguf.py with the same fakes, whose safetensors write stops half way until a signal comes.
+SLOW_WRITER = """
+import signal, sys, time
+sys.path.insert(0, sys.argv.pop(1))
+import safetensors.numpy
+import convert_gguf
+
+def stuck_half_way(tensors, path, metadata=None):
+    with open(path, "wb") as f:
+        f.write(b"half a model")
+    print("writing", flush=True)
+    time.sleep(60)
+
+# pytest may run as a background job, which ignores SIGINT; a terminal's Ctrl-C would arrive.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+convert_gguf.open_gguf = lambda path: None
+convert_gguf.read_config = lambda reader: {"model_type": "llama"}
+convert_gguf.read_weights = lambda reader, config: {}
+convert_gguf.build_tokenizer = lambda reader: None  # its .save is never reached
+safetensors.numpy.save_file = stuck_half_way
+sys.exit(convert_gguf.main(sys.argv[1:]))
+"""
+
+
+def start_slow_writer(out):
+    """A conversion into out, returned once it is half way through writing model.safetensors."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(REPO), "--gguf", "unused.gguf", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.stdout.readline() != "writing\n":
+        pytest.fail(f"the slow writer did not start: {proc.communicate(timeout=30)[1]}")
+    temp_dirs = list(out.parent.glob(f".{out.name}.tmp-*"))
+    assert len(temp_dirs) == 1 and (temp_dirs[0] / "model.safetensors").is_file()  # something to clean up
+    return proc
+
+
+@pytest.mark.parametrize("sig,returncode", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)],
+                         ids=["ctrl-c", "sigterm"])
+def test_signal_mid_write_exits_quietly_and_leaves_nothing(tmp_path, sig, returncode):
+    out = tmp_path / "cache" / "model"
+    proc = start_slow_writer(out)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    # Ctrl-C ends in exit code 130; SIGTERM still ends the process by SIGTERM, after cleaning up.
+    assert proc.returncode == returncode
+    assert stderr == ""
+    assert list(out.parent.iterdir()) == []
+
+
+def test_next_run_removes_only_dead_processes_temp_folders(tmp_path, fake_gguf):
+    out = tmp_path / "cache" / "model"
+    proc = start_slow_writer(out)
+    proc.kill()  # SIGKILL cannot be caught: the half-written temp folder stays
+    proc.communicate(timeout=30)
+    [killed] = out.parent.glob(".model.tmp-*")
+    dead_pid = proc.pid
+    live = out.parent / f".model.tmp-{socket.gethostname()}-{os.getpid()}-x"  # a conversion still running
+    elsewhere = out.parent / f".model.tmp-other-machine-{dead_pid}-x"  # its pid means nothing here
+    for d in (live, elsewhere):
+        d.mkdir()
+
+    convert_gguf.convert("unused.gguf", out)
+    assert not killed.exists()
+    assert live.is_dir() and elsewhere.is_dir()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_finding_the_converted_model_also_removes_dead_temp_folders(tmp_path):
+    done = tmp_path / convert_gguf.DEFAULT_MODEL_NAME
+    done.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (done / name).touch()
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    stale = tmp_path / f".{done.name}.tmp-{socket.gethostname()}-{finished.pid}-x"
+    stale.mkdir()
+    assert convert_gguf.default_model_dir(tmp_path) == done
+    assert not stale.exists()
+
+
+# A full disk as each writer reports it (the Rust ones word it as safetensors 0.8 / tokenizers 0.23 do).
+DISK_FULL = {
+    "OSError": ("safetensors", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+    "SafetensorError": ("safetensors", SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)")),
+    "tokenizers": ("tokenizers", Exception("No space left on device (os error 28)")),  # a bare Exception
+}
+
+
+@pytest.mark.parametrize("case", DISK_FULL)
+def test_full_disk_is_one_error_line_naming_the_folder(tmp_path, fake_gguf, monkeypatch, capsys, case):
+    import safetensors.numpy
+
+    writer, error = DISK_FULL[case]
+
+    def disk_full(*args, **kwargs):
+        raise error
+
+    if writer == "safetensors":
+        monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    else:
+        monkeypatch.setattr(convert_gguf, "build_tokenizer", lambda reader: SimpleNamespace(save=disk_full))
+    out = tmp_path / "cache" / "model"
+    assert convert_gguf.main(["--gguf", "unused.gguf", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: ") and len(err.splitlines()) == 1, err
+    assert "No space left on device" in err
+    assert list(out.parent.iterdir()) == []  # the half-written temp folder is gone
+
+
+def test_other_write_failures_keep_their_traceback(tmp_path, fake_gguf, monkeypatch):
+    import safetensors.numpy
+
+    def bug(*args, **kwargs):  # not the disk's fault: must not be passed off as one
+        raise SafetensorError("Error while serializing: tensor w is not contiguous")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", bug)
+    with pytest.raises(SafetensorError, match="not contiguous"):
+        convert_gguf.convert("unused.gguf", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_cache_variable_means_the_default_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIRIUS_MIN_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    converted = []
+    monkeypatch.setattr(convert_gguf, "convert", lambda gguf, out: converted.append(Path(out)))
+
+    expected = tmp_path / "home" / ".cache" / "sirius-min" / convert_gguf.DEFAULT_MODEL_NAME
+    assert convert_gguf.default_model_dir() == expected
+    assert converted == [expected]
+    assert list((tmp_path / "cwd").iterdir()) == []
