@@ -1,108 +1,103 @@
 """The MLP products of Sirius's two sparse models, their neuron selection, and the density accounting.
 
-Needs only torch: copy this file into another project as is. Weights are stored one neuron per row:
-w_gate, w_up (D, h) as in Hugging Face, and w_down_t (D, h) = HF's down_proj (h, D) transposed, so a neuron's
-down-projection is one contiguous row that a sparse step can read alone. x is (T, h); a decode step has T = 1.
-Timings quoted below: one thread of a 2-core AMD EPYC (AVX2), fp32, Llama-3-8B layer (h 4096, D 14336).
+Needs only torch: copy this file into another project as is. Weights follow model.py's one layout, (in, out),
+applied as `x @ W`: w_gate_up (h, 2D) holds W_gate^T and W_up^T side by side, w_down (D, h) is W_down^T. A row
+of w_down is one neuron's down-projection, so a sparse step can read a neuron's row alone. x is (T, h); a decode
+step has T = 1. `keep` is the kept fraction f of the D MLP neurons; `density` is parameters read per token over
+all parameters, a property of a whole model.
 """
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-GATHER_BELOW = 0.6  # kept fractions below this read only the kept rows; above, stream all and mask (fine_mlp)
+SPARSITIES = ("dense", "fine", "coarse")
+GATHER_BELOW = 0.6  # fine_mlp reads only the kept rows when keep < this; above, streaming all rows is faster
 
 
-def kept(D, f):
-    """How many of D neurons a kept fraction f keeps: the one rounding rule used everywhere."""
-    assert 0 < f <= 1, f"kept fraction must be in (0, 1], got {f}"
-    return max(1, round(f * D))
+def n_kept(D, keep):
+    """How many of D neurons a kept fraction keeps: the one rounding rule used everywhere."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"the kept fraction must be in (0, 1], got {keep}")
+    return max(1, round(keep * D))
 
 
-def down_proj(c, w):
-    """c (T, D) @ w (D, h): combine w's rows (w_down_t's neurons) with weights c.
-
-    On a CPU without AVX512, torch multiplies bf16/fp16 in this layout with a generic loop, 5-40x slower than
-    F.linear on the HF layout; embedding_bag sums rows with fp32 accumulation at full speed (one bag per token),
-    and a multi-token pass is faster upcast to fp32 (faster even than bf16 F.linear on the HF layout).
-    """
-    if w.device.type != "cpu" or w.dtype in (torch.float32, torch.float64):
-        return c @ w
-    if c.shape[0] == 1:
-        rows = torch.arange(w.shape[0], device=w.device)[None]        # (1, D)
-        return F.embedding_bag(rows, w, per_sample_weights=c, mode="sum")
-    return (c.float() @ w.float()).to(w.dtype)
+def swiglu(x, w_gate_up):
+    """The MLP's neuron activations (T, D): silu(x W_gate^T) * (x W_up^T), both read in one product."""
+    gate, up = (x @ w_gate_up).chunk(2, dim=-1)                        # (T, D) each
+    return F.silu(gate) * up
 
 
-def dense_mlp(x, w_gate, w_up, w_down_t):
-    """SwiGLU: (silu(x Wg^T) * (x Wu^T)) @ W_down^T, with W_down^T stored as w_down_t (D, h).
-
-    The transposed W_down makes a dense fp32 decode step 1-4 % slower at the 8B shape, ~8 % at h 576 (MKL's
-    gemv is a little slower on it); it buys the fine path reading single neurons' rows. Multi-token passes
-    run as fast as with the HF layout.
-    """
-    return down_proj(swiglu(x, w_gate, w_up), w_down_t)                # (T, D) @ (D, h)
+def dense_mlp(x, w_gate_up, w_down):
+    """SwiGLU MLP: (T, h) -> (T, h)."""
+    return swiglu(x, w_gate_up) @ w_down                               # (T, D) @ (D, h)
 
 
-def swiglu(x, w_gate, w_up):
-    """The MLP's neuron activations (T, D): silu(x Wg^T) * (x Wu^T)."""
-    return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
-
-
-# --- fine-grained (paper: FSparse, CATS-style): per token, the k neurons with the largest |SiLU(gate)| -------
+# --- fine-grained (paper: FSparse): per token, the k neurons with the largest |SiLU(gate)| ------------------
+# CATS, which the paper builds on, keeps neurons above a threshold calibrated offline; like the paper's code we
+# keep exactly the top k instead, so every step reads the same number of rows.
 
 def select_fine(a, k):
-    """Indices of the k largest |a| along the last dim, ascending (sorted rows are read in memory order)."""
-    return a.abs().topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    """The k neurons with the largest |a| (a: (T, D) gate activations), ascending.
+
+    One row (a decode step) picks its own top k. Several rows (one depth of a Sirius tree) share one set, the
+    top k of sum over rows of |a|, so that a level reads one set of rows for all its branches. Ascending order
+    is what `_kept_rows_dot`'s sparse pattern requires (CSR column indices are sorted within a row).
+    """
+    return a.abs().sum(0).topk(k, sorted=False).indices.sort().values
 
 
-def fine_mlp_reference(x, w_gate, w_up, w_down_t, k):
-    """The readable fine-sparse MLP for any T: the dense MLP with each token's unkept neurons zeroed."""
-    a = F.silu(F.linear(x, w_gate))                                    # (T, D)
-    keep = torch.zeros_like(a).scatter_(-1, select_fine(a, k), 1.0)    # (T, D) 0/1 mask, k ones per row
-    return down_proj(a * keep * F.linear(x, w_up), w_down_t)        # (T, h)
+def fine_mlp_reference(x, w_gate_up, w_down, k):
+    """The readable fine-sparse MLP: the dense MLP with the unkept neurons zeroed."""
+    D = w_down.shape[0]
+    a = F.silu(x @ w_gate_up[:, :D])                                   # (T, D)
+    keep = torch.zeros(D, dtype=x.dtype, device=x.device).index_fill_(0, select_fine(a, k), 1.0)
+    return (swiglu(x, w_gate_up) * keep) @ w_down
 
 
-def _fine_plan(x, k, D):
-    """Which rows a fine decode step reads: "stream" (all, then mask), "gather" (only the kept rows of W_up and
-    W_down) or "gather_down" (all of W_up, the kept rows of W_down)."""
+def fine_plan(x, k, D):
+    """How a fine step reads the weights, and so which ideal (bytes) ratio it can reach (`mlp_bytes_ratio`):
+    "gather": only the kept rows of W_up and W_down (CPU, fp32/fp64, where sampled_addmm exists);
+    "gather_down": all of W_gate and W_up in one product, the kept rows of W_down (other devices and dtypes);
+    "stream": everything, then mask (when so many neurons are kept that scattered reads cost more)."""
     if k >= GATHER_BELOW * D:
         return "stream"
     return "gather" if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) else "gather_down"
 
 
-def _kept_rows_dot(x, w, idx):
-    """w[idx] @ x[0] (k,) without copying the rows: sampled_addmm takes x's dot product with w's rows only
-    where a (1, D) CSR pattern has an entry."""
-    k = idx.numel()
+def _kept_rows_dot(x, w_rows, idx):
+    """(x @ w_rows[idx].T) (T, k) without copying the rows: sampled_addmm computes x's dot products with
+    w_rows' rows only where a (T, D) CSR pattern has an entry (the same ascending idx in every row)."""
+    T, k = x.shape[0], idx.numel()
     with warnings.catch_warnings():                                    # torch warns once that CSR is "beta"
         warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(torch.tensor([0, k]), idx, torch.zeros(k, dtype=x.dtype),
-                                          (1, w.shape[0]), check_invariants=False)
-    return torch.sparse.sampled_addmm(pattern, x, w.t(), beta=0.0).values()
+        pattern = torch.sparse_csr_tensor(torch.arange(0, T * k + 1, k), idx.repeat(T),
+                                          torch.zeros(T * k, dtype=x.dtype), (T, w_rows.shape[0]))
+        return torch.sparse.sampled_addmm(pattern, x, w_rows.t(), beta=0.0).values().view(T, k)
 
 
-def fine_mlp(x, w_gate, w_up, w_down_t, k):
-    """The fine-sparse MLP of one decode token, reading only the kept rows of W_up and W_down.
+def fine_mlp(x, w_gate_up, w_down, k, up_rows=None):
+    """The fine-sparse MLP, reading only the kept neurons' rows where the machine allows (see `fine_plan`).
 
-    The gate is dense: the selection needs all of it. Measured ways to read the kept rows (Llama-3-8B layer,
-    f = 0.5, time / dense): index_select W_up rows into a preallocated buffer, then mv: 1.25 (the copy writes
-    as much as it reads; W_up[idx] @ x, allocating each step: 3.9); the same copy in L3-sized chunks: 1.00;
-    dense up + embedding_bag down: 1.03; sampled_addmm up (x's dot product with the kept rows only, no copy)
-    + embedding_bag down: 0.89, kept. A COO sparse.mm down is as fast here, slower at small shapes and
-    inexact in bf16; sorting indices is within noise. A gathered row costs ~1.6x a streamed one (a jump, a
-    fresh prefetch), so at f >= GATHER_BELOW streaming everything and masking wins. sampled_addmm is
-    fp32/fp64 only: other dtypes compute up densely.
+    The gate is dense: choosing the neurons needs all of it. `up_rows` is W_up in neuron-major (D, h) order,
+    which the "gather" plan needs to read one neuron's up weights as one contiguous row (`FineMLP` in
+    sirius_min.py holds it). Equal to `fine_mlp_reference` up to rounding.
     """
-    D = w_gate.shape[0]
-    plan = _fine_plan(x, k, D)
-    if x.shape[0] != 1 or plan == "stream":
-        return fine_mlp_reference(x, w_gate, w_up, w_down_t, k)
-    a = F.silu(F.linear(x, w_gate))[0]                                 # (D,) dense gate
-    idx = select_fine(a, k)                                            # (k,) ascending
-    u = _kept_rows_dot(x, w_up, idx) if plan == "gather" else F.linear(x, w_up)[0, idx]   # (k,)
-    c = (a[idx] * u)[None]                                             # (1, k) weight of each kept row
-    return F.embedding_bag(idx[None], w_down_t, per_sample_weights=c, mode="sum")   # (1, h)
+    D = w_down.shape[0]
+    plan = fine_plan(x, k, D)
+    if plan == "stream":
+        return fine_mlp_reference(x, w_gate_up, w_down, k)
+    if plan == "gather" and up_rows is not None:
+        a = F.silu(x @ w_gate_up[:, :D])                               # (T, D): the gate half only
+        idx = select_fine(a, k)                                        # (k,) ascending
+        c = a[:, idx] * _kept_rows_dot(x, up_rows, idx)                # (T, k) kept activations
+    else:                                                              # "gather_down"
+        gate, up = (x @ w_gate_up).chunk(2, dim=-1)
+        a = F.silu(gate)
+        idx = select_fine(a, k)
+        c = a[:, idx] * up[:, idx]
+    # Sum of c-weighted rows of w_down, one bag per token: reads only the kept rows.
+    return F.embedding_bag(idx.expand(x.shape[0], -1), w_down, per_sample_weights=c, mode="sum")
 
 
 # --- coarse-grained (paper: CSparse, GRIFFIN): neurons chosen once from the prompt ------------------------
@@ -119,19 +114,20 @@ def griffin_scores(z):
 
 
 def select_coarse(scores, k):
-    """The k best-scored neurons, ascending."""
+    """The k best-scored neurons, ascending (so sliced weights keep the model's neuron order)."""
     return scores.topk(k, sorted=False).indices.sort().values
 
 
-def slice_mlp(w_gate, w_up, w_down_t, idx):
-    """The kept neurons' rows as three new contiguous (k, h) matrices: the coarse model is a smaller dense MLP."""
-    return tuple(w.index_select(0, idx) for w in (w_gate, w_up, w_down_t))
+def slice_mlp(w_gate_up, w_down, idx):
+    """The kept neurons' weights as new contiguous matrices (h, 2k) and (k, h): a smaller dense MLP."""
+    D = w_down.shape[0]
+    return w_gate_up[:, torch.cat([idx, D + idx])].contiguous(), w_down.index_select(0, idx)
 
 
-def coarse_mlp_reference(x, w_gate, w_up, w_down_t, idx):
+def coarse_mlp_reference(x, w_gate_up, w_down, idx):
     """The readable coarse-sparse MLP: the dense MLP with the same unkept neurons zeroed for every token."""
-    keep = torch.zeros(w_gate.shape[0], dtype=x.dtype, device=x.device).index_fill_(0, idx, 1.0)   # (D,)
-    return down_proj(swiglu(x, w_gate, w_up) * keep, w_down_t)
+    keep = torch.zeros(w_down.shape[0], dtype=x.dtype, device=x.device).index_fill_(0, idx, 1.0)   # (D,)
+    return (swiglu(x, w_gate_up) * keep) @ w_down
 
 
 # --- accounting ------------------------------------------------------------------------------------------
@@ -145,19 +141,23 @@ def param_count(cfg):
     return L * (attn + 3 * h * D + 2 * h) + h + embed                       # + 2 norms a layer, final norm
 
 
-def density(cfg, f, mode):
-    """Parameters read per generated token / all parameters (the paper's accounting, SIRIUS.md §2).
+def density(cfg, keep, sparsity):
+    """Parameters read per generated token / all parameters: the paper's accounting of a sparse model.
 
     Attention, norms, embeddings and lm_head (once if tied) are dense and counted; only MLP rows are skipped:
-    coarse reads 3hk per layer, fine h*D (its dense gate) + 2hk, with k = kept(D, f). mode "none" = "dense".
+    coarse reads 3hk per layer, fine h*D (its dense gate) + 2hk, with k = n_kept(D, keep).
     """
+    if sparsity not in SPARSITIES:
+        raise ValueError(f"unknown sparsity {sparsity!r}: expected one of {', '.join(SPARSITIES)}")
     h, D, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    k = D if mode in ("dense", "none") else kept(D, f)
-    mlp_read = {"dense": 3 * h * D, "none": 3 * h * D, "coarse": 3 * h * k, "fine": h * D + 2 * h * k}[mode]
+    k = D if sparsity == "dense" else n_kept(D, keep)
+    mlp_read = {"dense": 3 * h * D, "coarse": 3 * h * k, "fine": h * D + 2 * h * k}[sparsity]
     total = param_count(cfg)
     return (total - L * (3 * h * D - mlp_read)) / total
 
 
-def mlp_bytes_ratio(f, mode):
-    """Ideal sparse/dense MLP decode time: weights read, since a batch-1 step is memory-bound (SIRIUS.md §6)."""
-    return {"dense": 1.0, "coarse": f, "fine": (1 + 2 * f) / 3}[mode]
+def mlp_bytes_ratio(keep, plan):
+    """Ideal sparse/dense time of one decode-step MLP: the share of its weights a plan reads (a batch-1 step
+    is memory-bound). plan: "dense", "coarse" or one of `fine_plan`'s."""
+    return {"dense": 1.0, "coarse": keep, "gather": (1 + 2 * keep) / 3, "gather_down": (2 + keep) / 3,
+            "stream": 1.0}[plan]
