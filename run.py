@@ -280,10 +280,10 @@ def demo(args):
                     [f"{r.aal:.2f}/{r.period}", len(r.counted_advances), f"{r.effective_density:.3f}",
                      r.corrections] if r.period > 1 else ["-", "-", f"{r.density:.3f}", "-"])] for name, r in rows])
     if args.trace and periods:
-        print_trace(tok, periods, args)
+        print_trace(tok, periods, args, eos)
 
 
-def print_trace(tok, periods, args, width=104):
+def print_trace(tok, periods, args, eos, width=104):
     """One block per period: t0 and the drafts of the chosen path, each draft's probability under the full
     model at temperature 0.6, a bar where the kept run ends, and what the full model appended."""
     rule = "argmax" if args.strict else f"threshold {args.threshold}"
@@ -291,9 +291,11 @@ def print_trace(tok, periods, args, width=104):
     for n, p in enumerate(periods, 1):
         kind = "bonus" if p.accepted == len(p.window) - 1 else "correction"
         beams = f"; beam {p.chosen + 1}/{len(p.beams)}, kept per beam {p.beams}" if len(p.beams) > 1 else ""
-        appended = printable(repr(tok.decode([p.appended], skip_special_tokens=False)))
-        print(f"\nperiod {n}, position {p.pos}: kept {p.accepted}/{len(p.window) - 1}, then {appended} ({kind}){beams}")
-        cells = [(printable(repr(tok.decode([t], skip_special_tokens=False))), "t0" if i == 0 else f"{p.probs[i - 1]:.3f}")
+        show = lambda t: printable(repr(tok.decode([t], skip_special_tokens=False)))  # noqa: E731
+        stop = next((t for t in p.window[1:p.accepted + 1] if t in eos), None)
+        then = f"stopped at {show(stop)}" if stop is not None else f"then {show(p.appended)} ({kind})"
+        print(f"\nperiod {n}, position {p.pos}: kept {p.accepted}/{len(p.window) - 1}, {then}{beams}")
+        cells = [(show(t), "t0" if i == 0 else f"{p.probs[i - 1]:.3f}")
                  for i, t in enumerate(p.window)]
         cells.insert(p.accepted + 1, ("|", "|"))
         lines, line = [], []

@@ -101,9 +101,10 @@ def test_no_trace_no_extra_work(smollm, demo_prompt, monkeypatch):
 def test_trace_printout(smollm_dir, capsys):
     run.main(["--sirius", "--trace", "--width", "2", "--max-new-tokens", "40", "--no-color"])
     out = capsys.readouterr().out
-    blocks = re.findall(r"^period \d+, position \d+: kept (\d+)/(\d+), then .* \((correction|bonus)\); "
-                        r"beam \d/2, kept per beam \[\d+, \d+\]$", out, re.M)
-    assert blocks and all(int(a) <= int(n) for a, n, _ in blocks)
+    blocks = re.findall(r"^period \d+, position \d+: kept (\d+)/(\d+), "
+                        r"(?:then .* \((?:correction|bonus)\)|stopped at .*); beam \d/2, kept per beam \[\d+, \d+\]$",
+                        out, re.M)
+    assert blocks and all(int(a) <= int(n) for a, n in blocks)
     trace = out[out.index("period by period"):]
     assert max(len(line) for line in trace.splitlines()) <= 104 and "|" in trace
 
