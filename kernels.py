@@ -1,10 +1,10 @@
 """The MLP products of Sirius's two sparse models, their neuron selection, and the density accounting.
 
 Needs only torch: copy this file into another project as is. Weights follow model.py's one layout, (in, out),
-applied as `x @ W`: w_gate_up (h, 2D) holds W_gate^T and W_up^T side by side, w_down (D, h) is W_down^T. A row
-of w_down is one neuron's down-projection, so a sparse step can read a neuron's row alone. x is (T, h); a decode
-step has T = 1. `keep` is the kept fraction f of the D MLP neurons; `density` is parameters read per token over
-all parameters, a property of a whole model.
+applied as `x @ W`: w_gate_up (h, 2D) holds W_gate^T and W_up^T side by side, w_down (D, h) is W_down^T.
+A row of w_down is one neuron's down-projection, so a sparse step can read a neuron's row alone. x is (T, h);
+a decode step has T = 1. `keep` is the kept fraction f of the D MLP neurons; `density` is parameters read
+per token over all parameters, a property of a whole model.
 """
 import warnings
 
@@ -34,8 +34,8 @@ def dense_mlp(x, w_gate_up, w_down):
 
 
 # --- fine-grained (paper: FSparse): per token, the k neurons with the largest |SiLU(gate)| ------------------
-# CATS, which the paper builds on, keeps neurons above a threshold calibrated offline; like the paper's code we
-# keep exactly the top k instead, so every step reads the same number of rows.
+# CATS, which the paper builds on, keeps neurons above a threshold calibrated offline; like the paper's code,
+# we keep exactly the top k instead, so every step reads the same number of rows.
 
 def select_fine(a, k):
     """The k neurons with the largest |a| (a: (T, D) gate activations), ascending.
@@ -133,7 +133,7 @@ def coarse_mlp_reference(x, w_gate_up, w_down, idx):
 # --- accounting ------------------------------------------------------------------------------------------
 
 def param_count(cfg):
-    """All parameters of a Llama from its config: embeddings (and an untied lm_head), attention, MLP, norms."""
+    """All parameters of a Llama from its config: embeddings (and untied lm_head), attention, MLP, norms."""
     h, D, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
     attn = 2 * h * hd * (cfg.num_attention_heads + cfg.num_key_value_heads)   # q, o and k, v projections

@@ -59,16 +59,19 @@ class LlamaConfig:
             if v is None:
                 raise CheckpointError(f"lacks {name!r}")
             if isinstance(v, bool) or not isinstance(v, kind) or not (math.isfinite(v) and v > 0):
-                raise CheckpointError(f"{name} must be a positive {'whole ' * (kind is int)}number, got {v!r}")
+                whole = "whole " * (kind is int)
+                raise CheckpointError(f"{name} must be a positive {whole}number, got {v!r}")
             return v
 
         h, n_heads, rope = num("hidden_size"), num("num_attention_heads"), hf.get("rope_parameters") or {}
         cfg = cls(hidden_size=h, intermediate_size=num("intermediate_size"),
                   num_hidden_layers=num("num_hidden_layers"), num_attention_heads=n_heads,
-                  num_key_value_heads=num("num_key_value_heads", n_heads), head_dim=num("head_dim", h // n_heads),
+                  num_key_value_heads=num("num_key_value_heads", n_heads),
+                  head_dim=num("head_dim", h // n_heads),
                   vocab_size=num("vocab_size"), rms_norm_eps=num("rms_norm_eps", 1e-5, (int, float)),
                   rope_theta=num("rope_theta", rope.get("rope_theta", 10000.0), (int, float)),
-                  rope_scaling=hf.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else None),
+                  rope_scaling=hf.get("rope_scaling")
+                  or (rope if rope.get("rope_type") == "llama3" else None),
                   tie_word_embeddings=hf.get("tie_word_embeddings") is True,
                   max_position_embeddings=num("max_position_embeddings", 2048))
         eos = hf.get("eos_token_id")
@@ -78,7 +81,8 @@ class LlamaConfig:
         if n_heads % cfg.num_key_value_heads:
             raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
         s = cfg.rope_scaling
-        if s is not None and (not isinstance(s, dict) or s.get("rope_type", s.get("type")) == "llama3" and not all(
+        llama3 = isinstance(s, dict) and s.get("rope_type", s.get("type")) == "llama3"
+        if s is not None and (not isinstance(s, dict) or llama3 and not all(
                 isinstance(s.get(key), (int, float)) and s[key] > 0 for key in LLAMA3_ROPE_KEYS)):
             raise CheckpointError(f"rope_scaling of type llama3 needs positive {', '.join(LLAMA3_ROPE_KEYS)}")
         return cfg
@@ -94,10 +98,11 @@ def rope_tables(cfg: LlamaConfig, max_len: int):
     if s and s.get("rope_type", s.get("type")) == "llama3":
         # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, a smooth ramp between.
         wavelen, old = 2 * math.pi / inv_freq, s["original_max_position_embeddings"]
-        ramp = ((old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+        lo, hi = s["low_freq_factor"], s["high_freq_factor"]
+        ramp = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
         scaled = (1 - ramp) * inv_freq / s["factor"] + ramp * inv_freq
-        inv_freq = torch.where(wavelen > old / s["low_freq_factor"], inv_freq / s["factor"],
-                               torch.where(wavelen < old / s["high_freq_factor"], inv_freq, scaled))
+        inv_freq = torch.where(wavelen > old / lo, inv_freq / s["factor"],
+                               torch.where(wavelen < old / hi, inv_freq, scaled))
     angles = torch.outer(torch.arange(max_len).double(), inv_freq)        # (max_len, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)                          # (max_len, head_dim)
     return angles.cos().float(), angles.sin().float()
@@ -122,7 +127,8 @@ class Llama:
         self.embed = weights.get("embed")                                  # (vocab, h), None if tied
         # layers[i]: attn_norm, mlp_norm (h,); wqkv (h, q+2kv); wo (q, h); w_gate_up (h, 2D); w_down (D, h).
         self.layers = [SimpleNamespace(**{k.split(".")[2]: v for k, v in weights.items()
-                                          if k.startswith(f"layers.{i}.")}) for i in range(cfg.num_hidden_layers)]
+                                          if k.startswith(f"layers.{i}.")})
+                       for i in range(cfg.num_hidden_layers)]
         device, dtype = self.lm_head.device, self.lm_head.dtype
         cos, sin = rope_tables(cfg, max_seq_len)
         self.cos, self.sin = cos.to(device, dtype), sin.to(device, dtype)  # (max_seq_len, hd)
@@ -150,12 +156,12 @@ class Llama:
         cfg, T = self.cfg, tokens.shape[0]
         end, hd, n_q, n_kv = start_pos + T, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         if end > self.max_seq_len:
-            raise ValueError(f"slot {end} is beyond the cache ({self.max_seq_len}): load with a longer max_seq_len")
+            raise ValueError(f"slot {end} is beyond the cache ({self.max_seq_len}): load with more")
         mlp = mlp or self.dense_mlp
         at = slice(start_pos, end) if positions is None else positions
         cos, sin = self.cos[at], self.sin[at]                                  # (T, hd)
         if mask is None and T > 1:
-            mask = causal_lower_right(T, end)     # causal, aligned to the last slot; SDPA's fused kernels take it
+            mask = causal_lower_right(T, end)  # causal from the last slot back; SDPA's fused kernels take it
         x = self.embed_tokens(tokens)                                          # (T, h)
         for i, L in enumerate(self.layers):
             a = rms_norm(x, L.attn_norm, cfg.rms_norm_eps)
@@ -163,7 +169,7 @@ class Llama:
             qk = apply_rope(qkv[:n_q + n_kv], cos, sin)                        # q and k heads rotate together
             self.cache_k[i, :, start_pos:end] = qk[n_q:]
             self.cache_v[i, :, start_pos:end] = qkv[n_q + n_kv:]
-            att = F.scaled_dot_product_attention(                              # batch of 1 for the fused kernels
+            att = F.scaled_dot_product_attention(                              # a batch of 1: fused kernels
                 qk[None, :n_q], self.cache_k[None, i, :, :end], self.cache_v[None, i, :, :end],
                 attn_mask=mask, enable_gqa=True)[0]                             # (H, T, hd)
             x = x + att.transpose(0, 1).reshape(T, -1) @ L.wo                   # (T, h)
@@ -173,7 +179,7 @@ class Llama:
     __call__ = forward
 
     def move_kv(self, slots, start: int):
-        """Copy the keys/values in cache `slots` (n,) to slots start..start+n-1 (a Sirius tree's chosen path)."""
+        """Copy the keys/values in cache `slots` (n,) to slots start..start+n-1 (a tree's chosen path)."""
         self.cache_k[:, :, start:start + len(slots)] = self.cache_k[:, :, slots]
         self.cache_v[:, :, start:start + len(slots)] = self.cache_v[:, :, slots]
 
@@ -253,7 +259,7 @@ def load_model(model_dir, max_seq_len: int = 2048, dtype=torch.float32, device="
         weights["embed"] = embed
     for i in range(cfg.num_hidden_layers):
         w = {n: get(f"model.layers.{i}.{n}.weight", s) for n, s in shapes.items()}
-        weights.update({f"layers.{i}.{ours}": t.contiguous() for ours, t in {  # HF (out, in) -> ours (in, out)
+        weights.update({f"layers.{i}.{ours}": t.contiguous() for ours, t in {  # HF (out, in) -> (in, out)
             "attn_norm": w["input_layernorm"], "mlp_norm": w["post_attention_layernorm"],
             "wqkv": torch.cat([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]).T,
             "wo": w["self_attn.o_proj"].T, "w_gate_up": torch.cat([w["mlp.gate_proj"], w["mlp.up_proj"]]).T,

@@ -43,7 +43,7 @@ def number(kind, low, high=math.inf, low_open=False):
             x = None
         if x is None or not (low < x if low_open else low <= x) or not x <= high or not math.isfinite(x):
             where = f"{'(' if low_open else '['}{low}, {high}]" if high < math.inf else f">= {low}"
-            raise argparse.ArgumentTypeError(f"expected a {'whole ' * (kind is int)}number {where}, got {s!r}")
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' * (kind is int)}number {where}: {s!r}")
         return x
     return parse
 
@@ -62,15 +62,15 @@ def build_parser():
     """Three commands (demo is the default) sharing the model and sparsity options."""
     shared = argparse.ArgumentParser(add_help=False)
     m = shared.add_argument_group("model")
-    m.add_argument("--model", metavar="DIR", help="a Hugging Face Llama folder (default: the embedded SmolLM2)")
+    m.add_argument("--model", metavar="DIR", help="a Hugging Face Llama folder (default: SmolLM2)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: %(default)s)")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
-    m.add_argument("--threads", type=number(int, 1), default=1, help="CPU threads (default: 1, for clean ratios)")
+    m.add_argument("--threads", type=number(int, 1), default=1, help="CPU threads (1: clean ratios)")
     m.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap prompts in the model's chat format (default: on)")
     s = shared.add_argument_group("sparsity and Sirius")
-    s.add_argument("--period", type=number(int, 2, 1024), default=16, help="K: tokens per full-model check (16)")
+    s.add_argument("--period", type=number(int, 2, 1024), default=16, help="K: tokens per full check (16)")
     s.add_argument("--threshold", type=number(float, 0, 1), default=0.1,
                    help="keep a draft while the full model gives it at least this probability (0.1)")
     s.add_argument("--strict", action="store_true", help="keep a draft only if it is the full model's argmax")
@@ -79,15 +79,15 @@ def build_parser():
     commands = p.add_subparsers(dest="command", parser_class=Parser)
     demo = commands.add_parser("demo", parents=[shared], help="(default) one prompt, three ways")
     ev = commands.add_parser("eval", parents=[shared], help="accuracy, AAL and effective density on a task")
-    bench = commands.add_parser("bench", parents=[shared], help="decode speed beside the ideal (bytes) ratios")
+    bench = commands.add_parser("bench", parents=[shared], help="decode speed beside ideal ratios")
     for c, sparsity, n in ((demo, "coarse", 128), (ev, "fine,coarse", 160), (bench, "fine,coarse", 128)):
         g = c.add_argument_group("what to run")
         if c is demo:
             g.add_argument("--sparsity", default=sparsity, choices=["dense", "fine", "coarse"],
-                           help="fine: top-k per token; coarse: GRIFFIN, chosen once from the prompt (coarse)")
+                           help="fine: top-k per token; coarse: GRIFFIN, once per prompt (coarse)")
             g.add_argument("--keep", type=number(float, 0, 1, True), default=0.5,
                            help="f: the kept fraction of MLP neurons (0.5)")
-            g.add_argument("--width", type=number(int, 1, 64), default=1, help="w: Sirius tree width (1: a chain)")
+            g.add_argument("--width", type=number(int, 1, 64), default=1, help="w: tree width (1: a chain)")
         else:
             g.add_argument("--sparsity", type=listed(choice("fine", "coarse")), default=sparsity.split(","),
                            help=f"comma-separated: fine, coarse (default: {sparsity})")
@@ -98,8 +98,8 @@ def build_parser():
         g.add_argument("--max-new-tokens", type=number(int, 1), default=n, help=f"(default: {n})")
     demo.add_argument("--prompt", default=DEMO_PROMPT, help="the prompt, or - to read it (UTF-8) from stdin")
     demo.add_argument("--few-shot", action=argparse.BooleanOptionalAction,
-                      help="show the prompt after eval's worked examples (default: on for the built-in prompt)")
-    demo.add_argument("--sirius", action="store_true", help="run Sirius only (default: dense, sparse, Sirius)")
+                      help="show eval's worked examples first (default: for the built-in prompt)")
+    demo.add_argument("--sirius", action="store_true", help="Sirius only (default: dense, CS, Sirius)")
     demo.add_argument("--trace", action="store_true", help="after the answer, show every Sirius period")
     demo.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
     ev.add_argument("--data", metavar="FILE.jsonl", help="GSM8K-format questions (default: the bundled task)")
@@ -125,7 +125,7 @@ def open_model_folder(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     if args.device == "cpu" and args.dtype == "float16":
-        raise UsageError("--dtype float16 is very slow in PyTorch's CPU matrix products: use float32 or bfloat16")
+        raise UsageError("--dtype float16 is very slow in PyTorch's CPU products: use float32 or bfloat16")
     if args.model is None:
         from convert_gguf import default_model_dir
         try:  # the first run converts the embedded model; what can go wrong there is the installation's
@@ -163,7 +163,8 @@ def chat_ids(tok: Tokenizer, user: str, examples=()) -> list:
     if "<|start_header_id|>" in vocab:
         head, start, end = "<|begin_of_text|>", "<|start_header_id|>{}<|end_header_id|>\n\n", "<|eot_id|>"
     elif "<|im_start|>" in vocab:
-        head = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        head = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face" \
+               "<|im_end|>\n"
         start, end = "<|im_start|>{}\n", "<|im_end|>\n"
     else:
         for q, a in examples:
@@ -205,7 +206,7 @@ def encode(args, tok, cfg, text, examples=()):
         raise UsageError("the prompt is not valid UTF-8") from None
     ids = chat_ids(tok, text, examples) if args.chat else tok.encode(text).ids
     if len(ids) + args.max_new_tokens > cfg.max_position_embeddings:
-        raise UsageError(f"the prompt ({len(ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds "
+        raise UsageError(f"the prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
                          f"the model's context of {cfg.max_position_embeddings} tokens")
     return torch.tensor(ids, device=args.device)
 
@@ -253,15 +254,13 @@ def demo(args):
     prompt = encode(args, tok, cfg, text, FEW_SHOT if few_shot else ())
     model = load_weights(args, cfg, len(prompt))
     color, eos, periods = sys.stdout.isatty() and not args.no_color, stop_ids(cfg, tok), []
-    opts = dict(eos_ids=eos, sparsity=args.sparsity, keep=args.keep)
-    runs = [] if args.sirius else [("dense", lambda cb: generate(model, prompt, args.max_new_tokens, eos_ids=eos,
-                                                                   on_token=cb))]
+    n, opts = args.max_new_tokens, dict(eos_ids=eos, sparsity=args.sparsity, keep=args.keep)
+    runs = [] if args.sirius else [("dense", lambda cb: generate(model, prompt, n, eos_ids=eos, on_token=cb))]
     if not args.sirius and args.sparsity != "dense":
-        runs.append((f"{args.sparsity} sparse", lambda cb: generate(model, prompt, args.max_new_tokens, **opts,
-                                                                    on_token=cb)))
+        runs.append((f"{args.sparsity} sparse", lambda cb: generate(model, prompt, n, **opts, on_token=cb)))
     if args.sparsity != "dense":
         runs.append((f"Sirius ({args.sparsity}{f', w={args.width}' * (args.width > 1)})", lambda cb: sirius(
-            model, prompt, args.max_new_tokens, **opts, period=args.period, width=args.width,
+            model, prompt, n, **opts, period=args.period, width=args.width,
             threshold=args.threshold, strict=args.strict, on_token=cb,
             on_period=periods.append if args.trace else None)))
     print(f"prompt: {printable(text.strip())}" + f"  (after {len(FEW_SHOT)} worked examples)" * few_shot)
@@ -278,7 +277,8 @@ def demo(args):
     print_table(["method", "tokens", "ms/token", "density", "AAL", "periods", "eff. density", "corrections"],
                 [[name, len(r.tokens), f"{r.ms_per_token:.1f}", f"{r.density:.3f}", *(
                     [f"{r.aal:.2f}/{r.period}", len(r.counted_advances), f"{r.effective_density:.3f}",
-                     r.corrections] if r.period > 1 else ["-", "-", f"{r.density:.3f}", "-"])] for name, r in rows])
+                     r.corrections] if r.period > 1 else ["-", "-", f"{r.density:.3f}", "-"])]
+                 for name, r in rows])
     if args.trace and periods:
         print_trace(tok, periods, args, eos)
 
@@ -313,7 +313,7 @@ def print_trace(tok, periods, args, eos, width=104):
 def print_table(header, rows):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for i, row in enumerate([header, *rows]):
-        print("  ".join(str(x).ljust(w) if j == 0 else str(x).rjust(w) for j, (x, w) in enumerate(zip(row, widths))))
+        print("  ".join(f"{x:>{w}}" if j else f"{x:<{w}}" for j, (x, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels import SPARSITIES, dense_mlp, density, fine_mlp, griffin_scores, n_kept, select_coarse, slice_mlp, swiglu
+from kernels import (SPARSITIES, dense_mlp, density, fine_mlp, griffin_scores, n_kept, select_coarse,
+                     slice_mlp, swiglu)
 
 ACCEPT_TEMPERATURE = 0.6  # the paper's code scores drafts with softmax(logits / 0.6); fixed, not tuned
 
@@ -258,7 +259,7 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
     if sparsity not in ("fine", "coarse"):
         raise ValueError(f"Sirius corrects a sparse model: sparsity must be fine or coarse, got {sparsity!r}")
     if period < 2 or width < 1 or not 0 <= threshold <= 1:
-        raise ValueError(f"need period >= 2, width >= 1, 0 <= threshold <= 1; got {period}, {width}, {threshold}")
+        raise ValueError(f"need period >= 2, width >= 1, 0 <= threshold <= 1: {period}, {width}, {threshold}")
     if cache_slots(len(prompt), max_new_tokens, period, width) > model.max_seq_len:
         raise ValueError(f"the model's cache ({model.max_seq_len}) is too small for this request")
     logits, mlp = prefill(model, prompt, sparsity, keep)
