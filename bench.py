@@ -18,7 +18,7 @@ import torch
 import kernels
 from model import Llama, LlamaConfig
 from run import (FEW_SHOT, UsageError, encode, load_weights, open_model_folder, print_table, stop_ids)
-from sirius_min import (FineMLP, average_advance_length, effective_density, full_model_nll, generate, prefill,
+from sirius_min import (average_advance_length, effective_density, full_model_nll, generate, prefill,
                         sirius, sirius_period)
 
 # --- eval: the paper's Table 2 on a task with checkable answers ------------------------------------
@@ -57,7 +57,7 @@ def load_gsm8k(path):
             raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not {"question", "answer"} <= row.keys():
             raise UsageError(f"{path}:{n}: needs the fields 'question' and 'answer'")
-        answer = extract_number(str(row["answer"]).split("####")[-1]) if "####" in str(row["answer"]) else None
+        answer = extract_number(str(row["answer"])) if "####" in str(row["answer"]) else None
         if answer is None:
             raise UsageError(f"{path}:{n}: the answer does not end in '#### <number>'")
         problems.append((str(row["question"]), answer))
@@ -73,7 +73,7 @@ def extract_number(text):
 
 
 def check_out_path(out):
-    """--out is checked before an eval that may run for an hour: a file we can create in an existing folder."""
+    """--out is checked before an eval that may run for an hour: a writable file in an existing folder."""
     p = Path(out)
     if not out or p.is_dir():
         raise UsageError(f"--out {out!r}: expected a file name, not a folder")
@@ -108,7 +108,8 @@ def evaluate(args):
             log[m].append((extract_number(tok.decode(res.tokens)) == answer,
                            full_model_nll(model, prompt, res.tokens), res))
         elapsed = time.perf_counter() - started
-        print(f"\reval {n}/{len(problems)}, {elapsed:.0f} s, about {elapsed / n * (len(problems) - n):.0f} s left",
+        left = elapsed / n * (len(problems) - n)
+        print(f"\reval {n}/{len(problems)}, {elapsed:.0f} s, about {left:.0f} s left",
               end="\n" if n == len(problems) else "", file=sys.stderr, flush=True)
     report = eval_report(log, settings, args)
     if args.out is not None:
@@ -123,7 +124,7 @@ def evaluate(args):
 
 def nan_to_null(x):
     if isinstance(x, (dict, list)):
-        return {k: nan_to_null(v) for k, v in x.items()} if isinstance(x, dict) else [nan_to_null(v) for v in x]
+        return {k: nan_to_null(v) for k, v in x.items()} if isinstance(x, dict) else list(map(nan_to_null, x))
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
@@ -190,8 +191,9 @@ def gemv_ceilings(model, reps=5):
     mats = [w for L in model.layers for w in (L.wqkv, L.wo, L.w_gate_up, L.w_down)] + [model.lm_head]
     xs = {n: torch.randn(1, n, dtype=dt, device=dev) for n in {w.shape[0] for w in mats + [big]}}
     gbytes = lambda ws: sum(w.numel() * w.element_size() for w in ws) / 1e9  # noqa: E731
+    step = lambda: [xs[w.shape[0]] @ w for w in mats]  # noqa: E731
     return {"one large matrix": gbytes([big]) / timer(lambda: xs[big.shape[0]] @ big, reps, dev),
-            "this model's matrices": gbytes(mats) / timer(lambda: [xs[w.shape[0]] @ w for w in mats], reps, dev)}
+            "this model's matrices": gbytes(mats) / timer(step, reps, dev)}
 
 
 def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.float32, reps=None, seconds=3.0,
@@ -212,8 +214,8 @@ def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.flo
     for f in fractions:
         k = kernels.n_kept(intermediate, f)
         up_rows = [w[0][:, intermediate:].T.contiguous() for w in ws]
-        sliced = [kernels.slice_mlp(*w, kernels.select_coarse(kernels.griffin_scores(kernels.swiglu(prompt, w[0])),
-                                                              k)) for w in ws]
+        scores = [kernels.griffin_scores(kernels.swiglu(prompt, w[0])) for w in ws]
+        sliced = [kernels.slice_mlp(*w, kernels.select_coarse(s, k)) for w, s in zip(ws, scores)]
         cases.append(("fine", f, kernels.fine_plan(x, k, intermediate),
                       [lambda w=w, u=u, k=k: kernels.fine_mlp(x, *w, k, u) for w, u in zip(ws, up_rows)]))
         cases.append(("coarse", f, "coarse", [lambda s=s: kernels.dense_mlp(x, *s) for s in sliced]))
@@ -237,8 +239,9 @@ def decode_rows(model, prompt, n, args, rounds):
     for s in args.sparsity:
         runs[f"CS {s}"] = lambda s=s: generate(model, prompt, n, sparsity=s, keep=args.keep[0])
         for w in args.width:
-            runs[f"Sirius {s} w={w}"] = lambda s=s, w=w: sirius(model, prompt, n, sparsity=s, keep=args.keep[0],
-                                                                period=args.period, width=w, threshold=args.threshold)
+            runs[f"Sirius {s} w={w}"] = lambda s=s, w=w: sirius(
+                model, prompt, n, sparsity=s, keep=args.keep[0], period=args.period, width=w,
+                threshold=args.threshold)
     times, last = {m: [] for m in runs}, {}
     for _ in range(rounds):
         for m, run in runs.items():
@@ -248,13 +251,14 @@ def decode_rows(model, prompt, n, args, rounds):
     rows, dense = [], statistics.median(times["dense"])
     for m, res in last.items():
         ms, ideal = statistics.median(times[m]), res.effective_density
-        rows.append([m, f"{ms:.1f}", f"{ms / dense:.3f}", f"{ideal:.3f}", f"{ms / dense / ideal:.2f}",
-                     f"{res.aal:.2f}/{res.period}" if res.period > 1 else "-", f"{gbytes * ideal / ms * 1e3:.1f}"])
+        aal = f"{res.aal:.2f}/{res.period}" if res.period > 1 else "-"
+        rows.append([m, f"{ms:.1f}", f"{ms / dense:.3f}", f"{ideal:.3f}", f"{ms / dense / ideal:.2f}", aal,
+                     f"{gbytes * ideal / ms * 1e3:.1f}"])
     return rows, {m: r.aal for m, r in last.items()}
 
 
 def random_llama(cfg, device, dtype, max_seq_len=512, seed=0):
-    """A Llama with random weights (std 0.02) in model.py's layout, for timing shapes we have no checkpoint of."""
+    """A Llama with random weights (std 0.02) in model.py's layout: shapes we have no checkpoint of."""
     g = torch.Generator().manual_seed(seed)
     h, D, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim, \
         cfg.num_key_value_heads * cfg.head_dim
@@ -277,14 +281,17 @@ def sirius_parts(m8, args, aals, reps):
     _, coarse = prefill(m8, prompt, "coarse", args.keep[0])
     rows = []
     for w in args.width:
-        sparse_1, sparse_w = timer(lambda: one(1, coarse), reps, dev), timer(lambda: one(w, coarse), reps, dev)
+        sparse_1 = timer(lambda: one(1, coarse), reps, dev)
+        sparse_w = timer(lambda: one(w, coarse), reps, dev)
         verify = timer(lambda: one(1 + (K - 1) * w), reps, dev)
         t0 = torch.tensor(1, device=dev)
-        period = timer(lambda: sirius_period(m8, coarse, t0, pos, K, width=w, threshold=args.threshold), reps, dev)
+        period = timer(lambda: sirius_period(m8, coarse, t0, pos, K, width=w, threshold=args.threshold), reps,
+                       dev)
         parts = sparse_1 + (K - 2) * sparse_w + verify
-        for label, aal in ((f"AAL {aals.get(w, float('nan')):.2f} (measured above)", aals.get(w, float("nan"))),
-                           ("AAL 15.22 (the paper's)", 15.22)):
-            rows.append([w, f"{sparse_w / dense:.2f}", f"{verify / dense:.2f}", f"{(period - parts) * 1e3:.2f}",
+        measured = aals.get(w, float("nan"))
+        for label, aal in ((f"AAL {measured:.2f} (measured)", measured), ("AAL 15.22 (paper)", 15.22)):
+            rest = (period - parts) * 1e3
+            rows.append([w, f"{sparse_w / dense:.2f}", f"{verify / dense:.2f}", f"{rest:.1f}",
                          label, f"{period / aal * 1e3:.1f}", f"{dense * 1e3:.1f}",
                          f"{period / aal / dense:.3f}"])
     return rows
@@ -299,12 +306,13 @@ def bench(args):
     print(f"{args.threads} thread(s), {dtype}, f = {f}, K = {args.period}, threshold = {args.threshold}, "
           f"widths {args.width}; {n} tokens per run, EOS ignored so every run decodes the same length")
     gb = kernels.param_count(cfg) * model.lm_head.element_size() / 1e9
-    print(f"\n1. end-to-end decode, {Path(args.model).name} ({gb:.2f} GB of weights; GB/s = weights read per token "
-          f"/ time; ideal = density, or effective density for Sirius)")
+    print(f"\n1. end-to-end decode, {Path(args.model).name} ({gb:.2f} GB of weights; GB/s = weights read per "
+          f"token / time; ideal = density, or effective density for Sirius)")
     rows, aals = decode_rows(model, prompt, n, args, rounds)
     print_table(["method", "ms/token", "ratio to dense", "ideal", "ratio / ideal", "AAL", "GB/s"], rows)
     for name, bw in gemv_ceilings(model).items():
-        print(f"torch GEMV on {name}: {bw:.1f} GB/s; dense decode reaches {float(rows[0][-1]) / bw:.0%} of it")
+        print(f"torch GEMV on {name}: {bw:.1f} GB/s; dense decode reaches {float(rows[0][-1]) / bw:.0%} "
+              f"of it")
     del model
     shapes = [(cfg.hidden_size, cfg.intermediate_size, Path(args.model).name)]
     shapes += [] if args.quick else [(4096, 14336, "Llama-3-8B layer")]
@@ -313,16 +321,18 @@ def bench(args):
               f"its plan reads")
         rows = bench_mlp(h, D, dtype=dtype, reps=3 if args.quick else None, device=args.device)
         print_table(["mode", "f", "plan", "ms", "ratio", "ideal", "ratio / ideal"],
-                    [[r["mode"], r["f"], r["plan"], f"{r['ms']:.3f}", f"{r['ratio']:.3f}", f"{r['ideal']:.3f}",
-                      f"{r['ratio'] / r['ideal']:.2f}"] for r in rows])
+                    [[r["mode"], r["f"], r["plan"], f"{r['ms']:.3f}", f"{r['ratio']:.3f}",
+                      f"{r['ideal']:.3f}", f"{r['ratio'] / r['ideal']:.2f}"] for r in rows])
     big = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, vocab_size=128256 // 32, rope_theta=5e5,
                       tie_word_embeddings=False)
     if args.quick:
-        big.hidden_size, big.intermediate_size, big.num_attention_heads, big.num_key_value_heads = 256, 896, 4, 2
+        big = LlamaConfig(hidden_size=256, intermediate_size=896, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=128, vocab_size=4008, tie_word_embeddings=False)
     print(f"\n3. Sirius's period from measured parts, a Llama-3-8B-shaped decoder (h {big.hidden_size}, "
-          f"D {big.intermediate_size}), 1 layer, random weights, vocabulary / 32 (so embeddings weigh what they do "
-          f"per layer in the 8B model), coarse f = {f}, K = {args.period}; projected ms/token = period / AAL")
+          f"D {big.intermediate_size}), 1 layer, random weights, vocabulary / 32 (so embeddings weigh what\n"
+          f"they do per layer in the 8B model), coarse f = {f}, K = {args.period}; "
+          f"projected ms/token = period / AAL")
     m8 = random_llama(big, args.device, dtype)
     aal = {int(m.split("w=")[1]): a for m, a in aals.items() if m.startswith("Sirius coarse")}
     print_table(["w", "sparse step (dense steps)", "verify pass (dense steps)", "rest of period (ms)", "at",
