@@ -241,7 +241,7 @@ def decode_rows(model, prompt, n, args, rounds):
         for w in args.width:
             runs[f"Sirius {s} w={w}"] = lambda s=s, w=w: sirius(
                 model, prompt, n, sparsity=s, keep=args.keep[0], period=args.period, width=w,
-                threshold=args.threshold)
+                threshold=args.threshold, strict=args.strict)
     times, last = {m: [] for m in runs}, {}
     for _ in range(rounds):
         for m, run in runs.items():
@@ -285,8 +285,8 @@ def sirius_parts(m8, args, aals, reps):
         sparse_w = timer(lambda: one(w, coarse), reps, dev)
         verify = timer(lambda: one(1 + (K - 1) * w), reps, dev)
         t0 = torch.tensor(1, device=dev)
-        period = timer(lambda: sirius_period(m8, coarse, t0, pos, K, width=w, threshold=args.threshold), reps,
-                       dev)
+        period = timer(lambda: sirius_period(m8, coarse, t0, pos, K, width=w, threshold=args.threshold,
+                                             strict=args.strict), reps, dev)
         parts = sparse_1 + (K - 2) * sparse_w + verify
         measured = aals.get(w, float("nan"))
         for label, aal in ((f"AAL {measured:.2f} (measured)", measured), ("AAL 15.22 (paper)", 15.22)):
@@ -298,12 +298,15 @@ def sirius_parts(m8, args, aals, reps):
 
 
 def bench(args):
+    if len(args.keep) > 1:
+        raise UsageError("bench times one kept fraction (--keep F); its MLP table adds 0.75, 0.5 and 0.25")
     cfg, tok = open_model_folder(args)
     prompt = encode(args, tok, cfg, BENCH_PROMPT)
     n, rounds, reps = args.max_new_tokens, *((1, 3) if args.quick else (3, 7))
     model = load_weights(args, cfg, len(prompt))
     dtype, f = model.lm_head.dtype, args.keep[0]
-    print(f"{args.threads} thread(s), {dtype}, f = {f}, K = {args.period}, threshold = {args.threshold}, "
+    rule = "strict" if args.strict else f"threshold = {args.threshold}"
+    print(f"{args.threads} thread(s), {dtype}, f = {f}, K = {args.period}, {rule}, "
           f"widths {args.width}; {n} tokens per run, EOS ignored so every run decodes the same length")
     gb = kernels.param_count(cfg) * model.lm_head.element_size() / 1e9
     print(f"\n1. end-to-end decode, {Path(args.model).name} ({gb:.2f} GB of weights; GB/s = weights read per "
@@ -319,7 +322,8 @@ def bench(args):
     for h, D, name in shapes:
         print(f"\n2. MLP of one decode step, {name} (h {h}, D {D}): time / dense beside the share of weights "
               f"its plan reads")
-        rows = bench_mlp(h, D, dtype=dtype, reps=3 if args.quick else None, device=args.device)
+        fractions = sorted({0.75, 0.5, 0.25, f}, reverse=True)
+        rows = bench_mlp(h, D, fractions, dtype=dtype, reps=3 if args.quick else None, device=args.device)
         print_table(["mode", "f", "plan", "ms", "ratio", "ideal", "ratio / ideal"],
                     [[r["mode"], r["f"], r["plan"], f"{r['ms']:.3f}", f"{r['ratio']:.3f}",
                       f"{r['ideal']:.3f}", f"{r['ratio'] / r['ideal']:.2f}"] for r in rows])
