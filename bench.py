@@ -107,10 +107,11 @@ def evaluate(args):
             res = run(prompt)
             log[m].append((extract_number(tok.decode(res.tokens)) == answer,
                            full_model_nll(model, prompt, res.tokens), res))
-        elapsed = time.perf_counter() - started
-        left = elapsed / n * (len(problems) - n)
-        print(f"\reval {n}/{len(problems)}, {elapsed:.0f} s, about {left:.0f} s left",
-              end="\n" if n == len(problems) else "", file=sys.stderr, flush=True)
+        elapsed, tty, last = time.perf_counter() - started, sys.stderr.isatty(), n == len(problems)
+        if tty or last or n % max(1, len(problems) // 10) == 0:  # a pipe or a log gets a line per tenth
+            left = elapsed / n * (len(problems) - n)
+            print("\r" * tty + f"eval {n}/{len(problems)}, {elapsed:.0f} s, about {left:.0f} s left",
+                  end="\n" if last or not tty else "", file=sys.stderr, flush=True)
     report = eval_report(log, settings, args)
     if args.out is not None:
         tmp = Path(f"{args.out}.tmp")
