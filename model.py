@@ -81,9 +81,11 @@ class LlamaConfig:
         if n_heads % cfg.num_key_value_heads:
             raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
         s = cfg.rope_scaling
-        llama3 = isinstance(s, dict) and s.get("rope_type", s.get("type")) == "llama3"
-        if s is not None and (not isinstance(s, dict) or llama3 and not all(
-                isinstance(s.get(key), (int, float)) and s[key] > 0 for key in LLAMA3_ROPE_KEYS)):
+        kind = s.get("rope_type", s.get("type")) if isinstance(s, dict) else None
+        if s is not None and kind not in ("llama3", "default"):
+            raise CheckpointError(f"rope_scaling {s!r} is not supported (only type llama3)")
+        if kind == "llama3" and not all(isinstance(s.get(k), (int, float)) and s[k] > 0
+                                        for k in LLAMA3_ROPE_KEYS):
             raise CheckpointError(f"rope_scaling of type llama3 needs positive {', '.join(LLAMA3_ROPE_KEYS)}")
         return cfg
 

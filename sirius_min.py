@@ -62,6 +62,8 @@ def prefill(model, prompt, sparsity="dense", keep=0.5):
     """
     if sparsity not in SPARSITIES:
         raise ValueError(f"unknown sparsity {sparsity!r}: expected one of {', '.join(SPARSITIES)}")
+    if len(prompt) < 1:
+        raise ValueError("the prompt is empty")
     n_kept(model.cfg.intermediate_size, keep)                             # checks keep
     if sparsity != "coarse":
         return model(prompt, 0)[-1], FineMLP(model, keep) if sparsity == "fine" else None
@@ -137,6 +139,8 @@ def full_model_nll(model, prompt, tokens):
 
 def generate(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="dense", keep=0.5, on_token=None):
     """Greedy decoding, one token per forward pass, dense or with a sparse MLP after the dense prefill."""
+    if type(max_new_tokens) is not int or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
     logits, mlp = prefill(model, prompt, sparsity, keep)
     tok, pos, out = int(logits.argmax()), len(prompt), []
     start = clock(prompt.device)
@@ -258,8 +262,10 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
     """
     if sparsity not in ("fine", "coarse"):
         raise ValueError(f"Sirius corrects a sparse model: sparsity must be fine or coarse, got {sparsity!r}")
-    if period < 2 or width < 1 or not 0 <= threshold <= 1:
-        raise ValueError(f"need period >= 2, width >= 1, 0 <= threshold <= 1: {period}, {width}, {threshold}")
+    if any(type(n) is not int for n in (max_new_tokens, period, width)) or max_new_tokens < 1 or period < 2 \
+            or width < 1 or not 0 <= threshold <= 1:
+        raise ValueError("need whole numbers max_new_tokens >= 1, period >= 2, width >= 1 and a threshold in "
+                         f"[0, 1]; got {max_new_tokens}, {period}, {width}, {threshold}")
     if cache_slots(len(prompt), max_new_tokens, period, width) > model.max_seq_len:
         raise ValueError(f"the model's cache ({model.max_seq_len}) is too small for this request")
     logits, mlp = prefill(model, prompt, sparsity, keep)
