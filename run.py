@@ -242,13 +242,12 @@ def demo(args):
     cfg, tok = open_model_folder(args)
     if args.sirius and args.sparsity == "dense":
         raise UsageError("--sirius needs a sparse model to correct: --sparsity fine or coarse")
-    if args.prompt == "-":
+    text = args.prompt
+    if text == "-":
         try:
             text = sys.stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError:
             raise UsageError("the prompt on stdin is not valid UTF-8") from None
-    else:
-        text = args.prompt
     text = text.removeprefix("\ufeff")  # a byte-order mark some editors put first is not part of the prompt
     few_shot = args.prompt == DEMO_PROMPT if args.few_shot is None else args.few_shot
     prompt = encode(args, tok, cfg, text, FEW_SHOT if few_shot else ())
@@ -347,4 +346,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import run  # bench.py imports this file as `run`: one copy of it, and of UsageError, does the work
+    run.main()

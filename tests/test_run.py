@@ -153,6 +153,16 @@ def test_bad_stdin_prompt(smollm_dir):
     assert out.returncode == 2 and out.stderr.decode() == "error: the prompt on stdin is not valid UTF-8\n"
 
 
+def test_bench_py_errors_from_the_shell(tmp_path):
+    """eval and bench live in bench.py, which imports run.py: run as a script, their errors are one line too."""
+    for argv, says in ((["eval", "--out", str(tmp_path)], "not a folder"),
+                       (["bench", "--keep", "0.5,0.25"], "bench times one kept fraction")):
+        out = subprocess.run([sys.executable, "run.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
+        assert says in out.stderr
+
+
 @pytest.mark.parametrize("change, says", [
     ([1, 2], "expected a JSON object"),
     ({"max_position_embeddings": "long"}, "max_position_embeddings must be a positive whole number"),
