@@ -14,6 +14,7 @@ import sys
 
 if __name__ == "__main__":  # Ctrl-C while torch is still importing: leave as quietly as later on
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `run.py | head` ends quietly, like other shell tools
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -48,8 +49,14 @@ def number(kind, low, high=math.inf, low_open=False):
     return parse
 
 
-def listed(parse):
-    return lambda s: [parse(x) for x in s.split(",")]
+def listed(parse=str, names=()):
+    """An argparse type: comma-separated values, each parsed (and one of `names`, if given)."""
+    def parse_all(s):
+        values = [parse(x) for x in s.split(",")]
+        if names and not set(values) <= set(names):
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)}, comma-separated: {s!r}")
+        return values
+    return parse_all
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,7 +96,7 @@ def build_parser():
                            help="f: the kept fraction of MLP neurons (0.5)")
             g.add_argument("--width", type=number(int, 1, 64), default=1, help="w: tree width (1: a chain)")
         else:
-            g.add_argument("--sparsity", type=listed(choice("fine", "coarse")), default=sparsity.split(","),
+            g.add_argument("--sparsity", type=listed(names=("fine", "coarse")), default=sparsity.split(","),
                            help=f"comma-separated: fine, coarse (default: {sparsity})")
             g.add_argument("--keep", type=listed(number(float, 0, 1, True)), default=[0.5],
                            help="comma-separated kept fractions f (default: 0.5)")
@@ -107,14 +114,6 @@ def build_parser():
     ev.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
     bench.add_argument("--quick", action="store_true", help="a smoke test: one round, no Llama-3-8B shapes")
     return p
-
-
-def choice(*names):
-    def parse(s):
-        if s not in names:
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)}, got {s!r}")
-        return s
-    return parse
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -264,9 +263,9 @@ def demo(args):
             on_period=periods.append if args.trace else None)))
     print(f"prompt: {printable(text.strip())}" + f"  (after {len(FEW_SHOT)} worked examples)" * few_shot)
     rows = []
-    for name, run in runs:
+    for name, go in runs:
         print(f"\n--- {name} ---")
-        res = run(Printer(tok, color and name.startswith("Sirius")))
+        res = go(Printer(tok, color and name.startswith("Sirius")))
         print()
         rows.append((name, res))
     if color and args.sparsity != "dense":
