@@ -30,7 +30,8 @@ def test_cuda_logits_match_cpu_fp32(smollm, cuda_model):
 @pytest.mark.parametrize("width", [1, 4])
 def test_cuda_strict_sirius_is_dense_greedy(smollm, cuda_model, sparsity, width):
     _, tok = smollm
-    prompt = torch.tensor(run.chat_ids(tok, "Sara has 3 boxes with 4 pencils in each. How many pencils?")).cuda()
+    question = "Sara has 3 boxes with 4 pencils in each. How many pencils?"
+    prompt = torch.tensor(run.chat_ids(tok, question)).cuda()
     dense = generate(cuda_model, prompt, 48).tokens
     res = sirius(cuda_model, prompt, 48, sparsity=sparsity, width=width, period=8, strict=True)
     assert res.tokens == dense and res.corrections > 0
