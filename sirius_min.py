@@ -24,19 +24,22 @@ ACCEPT_TEMPERATURE = 0.6  # the paper's code scores drafts with softmax(logits /
 class FineMLP:
     """Fine-grained sparsity: every token, every layer keeps its own top-k neurons by |SiLU(gate)|.
 
-    Holds W_up a second time in neuron-major (D, h) order, so a decode step on a CPU reads only the kept
-    neurons' up rows (kernels.fine_plan); elsewhere the fused (h, 2D) matrix is used and no copy is made.
+    On a CPU a decode step reads only the kept neurons' up rows (kernels.fine_plan), which needs W_up a
+    second time in neuron-major (D, h) order: the first FineMLP of a model adds it to every layer as
+    `up_rows`, and later requests reuse it. Elsewhere the fused (h, 2D) matrix is used and nothing is added.
     """
 
     def __init__(self, model, keep: float):
         self.model, self.k = model, n_kept(model.cfg.intermediate_size, keep)
         D, w = model.cfg.intermediate_size, model.layers[0].w_gate_up
-        gather = w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
-        self.up_rows = [L.w_gate_up[:, D:].T.contiguous() if gather else None for L in model.layers]
+        if w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64):
+            for L in model.layers:
+                if getattr(L, "up_rows", None) is None:
+                    L.up_rows = L.w_gate_up[:, D:].T.contiguous()                 # (D, h)
 
     def __call__(self, i, x):
         L = self.model.layers[i]
-        return fine_mlp(x, L.w_gate_up, L.w_down, self.k, self.up_rows[i])
+        return fine_mlp(x, L.w_gate_up, L.w_down, self.k, getattr(L, "up_rows", None))
 
 
 class CoarseMLP:

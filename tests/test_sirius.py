@@ -567,3 +567,21 @@ def test_sparsity_hurts_and_sirius_repairs(smollm, prompts, dense, fine_answers)
     print(f"mean full-model NLL {mean}, recovered {recovered:.0%}, AAL {aal:.2f}/8")
     assert mean["dense"] <= mean["sirius"] < mean["sparse"]
     assert recovered >= 0.6 and aal > 4
+
+
+def test_fine_mlp_reads_kept_rows_from_one_lasting_copy(tiny, monkeypatch):
+    """On a CPU in fp32 FineMLP gives every layer W_up in neuron-major order once, reused by later requests,
+    and its steps take the gather plan with it (not the W_down-only fallback)."""
+    for L in tiny.layers:
+        L.up_rows = None
+    first = sirius_min.FineMLP(tiny, 0.25)
+    D = tiny.cfg.intermediate_size
+    copies = [L.up_rows for L in tiny.layers]
+    assert all(torch.equal(c, L.w_gate_up[:, D:].T) for c, L in zip(copies, tiny.layers))
+    sirius_min.FineMLP(tiny, 0.5)
+    assert all(L.up_rows is c for c, L in zip(copies, tiny.layers))
+    seen = []
+    real = sirius_min.fine_mlp
+    monkeypatch.setattr(sirius_min, "fine_mlp", lambda *a: seen.append(a[4]) or real(*a))
+    first(0, torch.randn(1, tiny.cfg.hidden_size))
+    assert seen and seen[0] is copies[0]
