@@ -212,10 +212,10 @@ def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.flo
     ws = [(rand(hidden, 2 * intermediate), rand(intermediate, hidden)) for _ in range(layers)]
     x, prompt = rand(1, hidden) * 50, rand(16, hidden) * 50
     cases = [("dense", 1.0, "dense", [lambda w=w: kernels.dense_mlp(x, *w) for w in ws])]
+    up_rows = [w[0][:, intermediate:].T.contiguous() for w in ws]             # as FineMLP holds them
+    scores = [kernels.griffin_scores(kernels.swiglu(prompt, w[0])) for w in ws]
     for f in fractions:
         k = kernels.n_kept(intermediate, f)
-        up_rows = [w[0][:, intermediate:].T.contiguous() for w in ws]
-        scores = [kernels.griffin_scores(kernels.swiglu(prompt, w[0])) for w in ws]
         sliced = [kernels.slice_mlp(*w, kernels.select_coarse(s, k)) for w, s in zip(ws, scores)]
         cases.append(("fine", f, kernels.fine_plan(x, k, intermediate),
                       [lambda w=w, u=u, k=k: kernels.fine_mlp(x, *w, k, u) for w, u in zip(ws, up_rows)]))

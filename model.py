@@ -203,10 +203,11 @@ def read_config(model_dir) -> LlamaConfig:
         raise CheckpointError(f"model folder not found: {model_dir}")
     if not path.is_file():
         raise CheckpointError(f"no config.json in {model_dir}")
+    hf = read_json(path)                   # names the file in its own errors
     try:
-        return LlamaConfig.from_hf(read_json(path))
+        return LlamaConfig.from_hf(hf)
     except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def safetensors_files(model_dir: Path) -> dict:
