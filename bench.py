@@ -17,11 +17,19 @@ import torch
 
 import kernels
 from model import Llama, LlamaConfig
-from run import (FEW_SHOT, UsageError, encode, load_weights, open_model_folder, print_table, stop_ids)
+from folder import UsageError, encode, load_weights, open_model_folder
 from sirius_min import (average_advance_length, effective_density, full_model_nll, generate, prefill,
                         sirius, sirius_period)
 
 # --- eval: the paper's Table 2 on a task with checkable answers ------------------------------------
+
+# Worked examples shown before every question (as earlier chat turns), in GSM8K's "The answer is N" style; the
+# demo shows them too.
+FEW_SHOT = [("What is 12 + 7?", "12 + 7 = 19. The answer is 19."),
+            ("What is 15 - 6?", "15 - 6 = 9. The answer is 9."),
+            ("What is 4 times 3?", "4 * 3 = 12. The answer is 12."),
+            ("Tom has 7 cards. Tom buys 4 more cards. How many cards does Tom have now?",
+             "Tom has 7 + 4 = 11 cards. The answer is 11.")]
 
 NAMES = ["Sara", "Ben", "Ana", "Omar", "Lily", "Leo", "Mia", "Sam"]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "coins"]
@@ -86,12 +94,13 @@ def check_out_path(out):
 def evaluate(args):
     if args.out is not None:
         check_out_path(args.out)
-    cfg, tok = open_model_folder(args)
+    folder = open_model_folder(args)
+    cfg, tok = folder.cfg, folder.tok
     problems = load_gsm8k(args.data) if args.data else arithmetic_task()
     problems = problems[:args.limit] if args.limit else problems
-    prompts = [encode(args, tok, cfg, q, FEW_SHOT) for q, _ in problems]
+    prompts = [encode(args, folder, q, FEW_SHOT) for q, _ in problems]
     model = load_weights(args, cfg, max(len(p) for p in prompts))
-    eos, settings = stop_ids(cfg, tok), [(s, f) for s in args.sparsity for f in args.keep]
+    eos, settings = folder.stop_ids, [(s, f) for s in args.sparsity for f in args.keep]
     runs = {"dense": lambda p: generate(model, p, args.max_new_tokens, eos_ids=eos)}
     for s, f in settings:
         runs[("CS", s, f)] = lambda p, s=s, f=f: generate(model, p, args.max_new_tokens, eos_ids=eos,
@@ -163,6 +172,12 @@ def eval_report(log, settings, args):
     return report
 
 
+def print_table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for i, row in enumerate([header, *rows]):
+        print("  ".join(f"{x:>{w}}" if j else f"{x:<{w}}" for j, (x, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
 
 
 # --- bench: measured speed beside the ideal (bytes read) ratio ---------------------------------------
@@ -301,8 +316,9 @@ def sirius_parts(m8, args, aals, reps):
 def bench(args):
     if len(args.keep) > 1:
         raise UsageError("bench times one kept fraction (--keep F); its MLP table adds 0.75, 0.5 and 0.25")
-    cfg, tok = open_model_folder(args)
-    prompt = encode(args, tok, cfg, BENCH_PROMPT)
+    folder = open_model_folder(args)
+    cfg = folder.cfg
+    prompt = encode(args, folder, BENCH_PROMPT)
     n, rounds, reps = args.max_new_tokens, *((1, 3) if args.quick else (3, 7))
     model = load_weights(args, cfg, len(prompt))
     dtype, f = model.lm_head.dtype, args.keep[0]

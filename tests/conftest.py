@@ -32,13 +32,13 @@ PROMPTS = [
 
 
 def encode_chat(tok, text):
-    """A one-turn chat prompt as a tensor of ids, through run.py's chat formatting (chat_ids; chat_prompt in
-    older versions of run.py). run is imported here, not at the top, so a run.py being edited cannot break
+    """A one-turn chat prompt for the embedded model as a tensor of ids: its folder's own chat template,
+    rendered by folder.py. folder is imported here, not at the top, so a folder.py being edited cannot break
     the collection of every test."""
-    import run
-    if hasattr(run, "chat_ids"):
-        return torch.tensor(run.chat_ids(tok, text))
-    return torch.tensor(tok.encode(run.chat_prompt(tok, text)).ids)
+    import folder
+    from convert_gguf import default_model_dir
+    prompting = folder.read_prompting(default_model_dir(), tok)
+    return torch.tensor(folder.chat_ids(tok, prompting, folder.few_shot(text)))
 
 
 def twin(model):
@@ -64,7 +64,7 @@ def smollm_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm(smollm_dir):
     """The embedded SmolLM2-135M-Instruct, loaded once (fp32, CPU) with its tokenizer."""
-    from run import load_tokenizer
+    from folder import load_tokenizer
 
     return load_model(smollm_dir, max_seq_len=1024), load_tokenizer(smollm_dir)
 

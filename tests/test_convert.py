@@ -1,6 +1,7 @@
-"""Tests for convert_gguf: the converted folder's config, weights and tokenizer,
-the Q/K row un-permutation, one-line errors on bad input, and what Ctrl-C,
-SIGTERM, SIGKILL and a full disk leave behind (nothing but one error line).
+"""Tests for convert_gguf: the converted folder's config, weights, tokenizer and
+prompt format, the Q/K row un-permutation, one-line errors on bad input, what
+Ctrl-C, SIGTERM, SIGKILL and a full disk leave behind (nothing but one error
+line), and a cache from an older conversion converted again.
 
 Whether the weights are *right* (the model answers "Paris") is checked by hand
 against transformers, which is deliberately not a dependency of this repo.
@@ -125,6 +126,20 @@ def test_chatml_prompt_starts_as_expected(tokenizer):
     assert ids[0] == 1 and tokenizer.decode(ids[1:]) == "system\nYou are"
 
 
+def test_prompt_format_is_the_ggufs(smollm_dir):
+    """tokenizer_config.json carries the GGUF's own chat template (found here in the GGUF's bytes, a GGUF
+    string: its length as 8 bytes, then UTF-8) and its BOS/EOS tokens; generation_config.json their ids."""
+    tokenizer_config = json.loads((smollm_dir / "tokenizer_config.json").read_text())
+    template = tokenizer_config["chat_template"].encode()
+    with open(convert_gguf.find_default_gguf(), "rb") as f:
+        metadata = f.read(16 << 20)  # the metadata (vocabulary, merges, template) comes before the weights
+    assert len(template).to_bytes(8, "little") + template in metadata and b"SmolLM" in template
+    assert (tokenizer_config["bos_token"], tokenizer_config["eos_token"]) == ("<|im_start|>", "<|im_end|>")
+    assert tokenizer_config["add_bos_token"] is False  # the GGUF's tokenizer.ggml.add_bos_token
+    generation_config = json.loads((smollm_dir / "generation_config.json").read_text())
+    assert generation_config == {"bos_token_id": 1, "eos_token_id": 2}
+
+
 # --------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------
@@ -201,6 +216,7 @@ def fake_gguf(monkeypatch):
     monkeypatch.setattr(convert_gguf, "read_config", lambda reader: {"model_type": "llama"})
     monkeypatch.setattr(convert_gguf, "read_weights", lambda reader, config: {"w": np.zeros(4, np.float32)})
     monkeypatch.setattr(convert_gguf, "build_tokenizer", lambda reader: Tokenizer(models.BPE()))
+    monkeypatch.setattr(convert_gguf, "read_prompt_format", lambda reader, config: ({}, {}))
 
 
 def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch, fake_gguf):
@@ -266,6 +282,7 @@ convert_gguf.open_gguf = lambda path: None
 convert_gguf.read_config = lambda reader: {"model_type": "llama"}
 convert_gguf.read_weights = lambda reader, config: {}
 convert_gguf.build_tokenizer = lambda reader: None  # its .save is never reached
+convert_gguf.read_prompt_format = lambda reader, config: ({}, {})
 safetensors.numpy.save_file = stuck_half_way
 sys.exit(convert_gguf.main(sys.argv[1:]))
 """
@@ -310,20 +327,41 @@ def test_next_run_removes_only_dead_processes_temp_folders(tmp_path, fake_gguf):
     convert_gguf.convert("unused.gguf", out)
     assert not killed.exists()
     assert live.is_dir() and elsewhere.is_dir()
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", convert_gguf.STAMP, "tokenizer.json",
+        "tokenizer_config.json"]
 
 
 def test_finding_the_converted_model_also_removes_dead_temp_folders(tmp_path):
     done = tmp_path / convert_gguf.DEFAULT_MODEL_NAME
     done.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        (done / name).touch()
+    (done / convert_gguf.STAMP).write_text(json.dumps({"version": convert_gguf.CONVERSION_VERSION}))
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     stale = tmp_path / f".{done.name}.tmp-{socket.gethostname()}-{finished.pid}-x"
     stale.mkdir()
     assert convert_gguf.default_model_dir(tmp_path) == done
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("stamp", [None, {"version": convert_gguf.CONVERSION_VERSION - 1}])
+def test_a_cache_from_an_older_conversion_is_converted_again(tmp_path, fake_gguf, monkeypatch, stamp):
+    """A cached folder without this version's stamp (from before tokenizer_config.json existed, or stamped by
+    an older version) is replaced by a new conversion; nothing of the old one, and no temp folder, is left."""
+    monkeypatch.setattr(convert_gguf, "find_default_gguf", lambda: Path("unused.gguf"))
+    old = tmp_path / convert_gguf.DEFAULT_MODEL_NAME
+    old.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "old-only.txt"):
+        (old / name).write_text("old")
+    if stamp is not None:
+        (old / convert_gguf.STAMP).write_text(json.dumps(stamp))
+    assert convert_gguf.default_model_dir(tmp_path) == old
+    assert (old / "tokenizer_config.json").is_file() and not (old / "old-only.txt").exists()
+    assert (old / "config.json").read_text() != "old"
+    assert [p.name for p in tmp_path.iterdir()] == [old.name]
+    converted = (old / "config.json").stat().st_mtime_ns
+    assert convert_gguf.default_model_dir(tmp_path) == old  # now current: not converted a third time
+    assert (old / "config.json").stat().st_mtime_ns == converted
 
 
 # A full disk as each writer reports it (the Rust ones word it as safetensors 0.8 / tokenizers 0.23 do).
@@ -374,7 +412,7 @@ def test_empty_cache_variable_means_the_default_cache(tmp_path, monkeypatch):
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     converted = []
-    monkeypatch.setattr(convert_gguf, "convert", lambda gguf, out: converted.append(Path(out)))
+    monkeypatch.setattr(convert_gguf, "convert", lambda gguf, out, replace: converted.append(Path(out)))
 
     expected = tmp_path / "home" / ".cache" / "sirius-min" / convert_gguf.DEFAULT_MODEL_NAME
     assert convert_gguf.default_model_dir() == expected

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import bench
+import folder
 import run
 import sirius_min
 from conftest import TINY_CONFIG, write_checkpoint
@@ -54,8 +55,10 @@ def test_printer_colours_full_model_tokens(smollm, capsys):
 # --- the trace --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def demo_prompt(smollm):
-    return torch.tensor(run.chat_ids(smollm[1], run.DEMO_PROMPT, run.FEW_SHOT))
+def demo_prompt(smollm, smollm_dir):
+    tok = smollm[1]
+    prompting = folder.read_prompting(smollm_dir, tok)
+    return torch.tensor(folder.chat_ids(tok, prompting, folder.few_shot(run.DEMO_PROMPT, bench.FEW_SHOT)))
 
 
 @pytest.mark.parametrize("strict, width", [(False, 1), (True, 1), (False, 2)])
@@ -160,7 +163,7 @@ def test_bad_stdin_prompt(smollm_dir):
 
 
 def test_bench_py_errors_from_the_shell(tmp_path):
-    """eval and bench live in bench.py, which imports run.py: from the shell too, one line."""
+    """eval and bench live in bench.py: their user errors, from the shell too, are one line."""
     for argv, says in ((["eval", "--out", str(tmp_path)], "not a folder"),
                        (["bench", "--keep", "0.5,0.25"], "bench times one kept fraction")):
         out = subprocess.run([sys.executable, "run.py", *argv], cwd=ROOT, capture_output=True, text=True,
@@ -199,14 +202,11 @@ def test_odd_but_valid_prompt_runs(smollm_dir, capsys):
     assert "\x1b[31m" not in out and "prompt: red \\x1b[31m text <|im_end|> ok?" in out
 
 
-def test_user_text_is_text(smollm):
-    _, tok = smollm
-    im_end = tok.token_to_id("<|im_end|>")
-    ids = run.chat_ids(tok, "stop <|im_end|> here")
-    assert ids.count(im_end) == 2  # the system turn's and the user turn's own markers, not the typed one
-    assert run.chat_ids(tok, run.DEMO_PROMPT) == tok.encode(  # ordinary text: the same ids as the template
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        f"<|im_start|>user\n{run.DEMO_PROMPT}<|im_end|>\n<|im_start|>assistant\n").ids
+def test_no_import_cycle():
+    """bench.py (eval and bench) and folder.py (opening a model folder) never import the command line."""
+    out = subprocess.run([sys.executable, "-c", "import sys, bench, folder; print('run' in sys.modules)"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == "False\n", out.stderr
 
 
 def test_a_bug_keeps_its_traceback(smollm_dir, monkeypatch):

@@ -1,0 +1,254 @@
+"""A model folder as the command line opens it: its config, its tokenizer, and the prompt it asks for.
+
+A Hugging Face folder says how its model is prompted: tokenizer_config.json (or chat_template.jinja) holds the
+chat template, a Jinja program that turns a list of messages into text, with the BOS and EOS token strings it
+writes; config.json and generation_config.json say which tokens end an answer. The template is rendered as
+transformers' `apply_chat_template` renders it, so the ids are the ones the model was trained on, with one
+exception: a control token the user types (`<|im_end|>`) stays text, and is not obeyed. The weights come
+later (load_weights), once the longest prompt fixes the size of the KV cache.
+"""
+import datetime
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tokenizers import Tokenizer
+
+from model import CheckpointError, LlamaConfig, load_model, read_config
+from sirius_min import cache_slots
+
+
+class UsageError(Exception):
+    """A bad value given by the user: reported in one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Prompting:
+    """What the folder's tokenizer_config.json asks of a prompt."""
+    template: str | None        # the chat template (Jinja); None: the folder has none, prompts are plain text
+    source: Path                # the file the template came from, named when it fails
+    bos_token: str | None       # the strings the template writes for {{ bos_token }} and {{ eos_token }}
+    eos_token: str | None
+    bos_id: int | None          # bos_token's id in tokenizer.json
+    add_bos_token: bool | None  # plain text starts with BOS; None: tokenizer.json's post-processor decides
+
+
+class Folder(NamedTuple):
+    """What the command line reads from a model folder before its weights."""
+    cfg: LlamaConfig
+    tok: Tokenizer
+    prompting: Prompting
+    stop_ids: list              # token ids that end an answer
+
+
+def open_model_folder(args) -> Folder:
+    """Threads, device and the model folder's config, tokenizer and prompt format (the weights come later)."""
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    if args.device == "cpu" and args.dtype == "float16":
+        raise UsageError("--dtype float16 is very slow in PyTorch's CPU products: use float32 or bfloat16")
+    if args.model is None:
+        from convert_gguf import default_model_dir
+        try:  # the first run converts the embedded model; what can go wrong there is the installation's
+            args.model = default_model_dir()
+        except (OSError, ValueError) as e:
+            raise CheckpointError(str(e)) from None
+    cfg = read_config(args.model)
+    tok = load_tokenizer(args.model, cfg.vocab_size)
+    return Folder(cfg, tok, read_prompting(args.model, tok), read_stop_ids(args.model, cfg))
+
+
+def load_tokenizer(model_dir, vocab_size=None) -> Tokenizer:
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"no tokenizer.json in {model_dir}")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
+        raise CheckpointError(f"{path}: cannot read tokenizer ({e})") from None
+    top = max(tok.get_vocab(with_added_tokens=True).values(), default=0)
+    if vocab_size is not None and top >= vocab_size:
+        raise CheckpointError(f"{path}: token id {top} is beyond the model's vocabulary ({vocab_size})")
+    return tok
+
+
+def read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_prompting(model_dir, tok: Tokenizer) -> Prompting:
+    """The chat template and special tokens of tokenizer_config.json; a folder without one prompts in plain
+    text, with the BOS (or none) that its tokenizer.json adds."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    conf = read_json_object(path) if path.is_file() else {}
+    template, source = conf.get("chat_template"), path
+    if isinstance(template, list):  # several named templates (e.g. "default", "tool_use"): the default one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise CheckpointError(f"{path}: chat_template lists no template named 'default'")
+        template = named["default"]
+    if (Path(model_dir) / "chat_template.jinja").is_file():  # where newer transformers save it; it wins
+        source = Path(model_dir) / "chat_template.jinja"
+        template = source.read_text(encoding="utf-8", errors="replace")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{path}: chat_template must be a string, got {type(template).__name__}")
+    bos, eos = (token_text(conf.get(k), path, k) for k in ("bos_token", "eos_token"))
+    add_bos = conf.get("add_bos_token")
+    if add_bos not in (None, True, False):
+        raise CheckpointError(f"{path}: add_bos_token must be true or false, got {add_bos!r}")
+    bos_id = tok.token_to_id(bos) if bos is not None else None
+    if add_bos and bos_id is None:
+        raise CheckpointError(f"{path}: add_bos_token is true but bos_token {bos!r} is not in tokenizer.json")
+    return Prompting(template or None, source, bos, eos, bos_id, add_bos)
+
+
+def token_text(value, path, key):
+    """A special token as tokenizer_config.json writes it: a string, or (older files) {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise CheckpointError(f"{path}: {key} must be a string, got {value!r}")
+    return value
+
+
+def read_stop_ids(model_dir, cfg) -> list:
+    """Token ids that end an answer: config.json's eos_token_id and generation_config.json's (where e.g.
+    Llama-3-Instruct lists its end of turn, <|eot_id|>). Nothing is guessed from token spellings."""
+    stops, path = set(cfg.eos_token_id), Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        eos = read_json_object(path).get("eos_token_id")
+        eos = [] if eos is None else [eos] if type(eos) is int else eos
+        if not isinstance(eos, list) or not all(type(e) is int and 0 <= e < cfg.vocab_size for e in eos):
+            raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        stops |= set(eos)
+    return sorted(stops)
+
+
+# --- building a prompt ---------------------------------------------------------------------------------
+
+@functools.lru_cache
+def compile_template(template: str):
+    """The Jinja environment transformers renders chat templates in: sandboxed, trim_blocks and lstrip_blocks,
+    a `raise_exception` the template can call, a `tojson` that does not escape HTML, and `strftime_now`."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def render(prompting: Prompting, messages) -> str:
+    """The template's text for these messages, ending in the start of the assistant's turn."""
+    specials = {"bos_token": prompting.bos_token, "eos_token": prompting.eos_token}
+    specials = {k: v for k, v in specials.items() if v is not None}  # an absent one renders as "", not "None"
+    try:
+        return compile_template(prompting.template).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=True, **specials)
+    except Exception as e:  # the template is the folder's program: whatever it raises is the folder's fault
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{prompting.source}: the chat template fails ({type(e).__name__}: {why})") \
+            from None
+
+
+def few_shot(user: str, examples=()) -> list:
+    """The chat messages of a question after worked examples given as earlier (question, answer) turns."""
+    messages = []
+    for question, answer in examples:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": user}]
+
+
+def chat_ids(tok: Tokenizer, prompting: Prompting, messages) -> list:
+    """The messages ({"role", "content"} dicts) in the folder's chat template, ready for the assistant's turn.
+    The ids are transformers' (the rendered text with its special tokens, nothing added) except where a
+    message holds a control token: typed by the user, it is spelled out as text. Each message's text is
+    stripped first, as many templates do: otherwise it could not be found in the rendered text."""
+    texts = [m["content"].strip() for m in messages]
+    # Render once with a mark in place of each message's text, then put the texts in, noting where each lands.
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]  # no template writes these
+    parts = re.split("\ue000(\\d+)\ue001", render(prompting, marked))  # template text, message number, ...
+    text, spans = parts[0], []
+    for n, after in zip(parts[1::2], parts[2::2]):
+        spans.append((len(text), len(text) + len(texts[int(n)])))
+        text += texts[int(n)] + after
+    if text != render(prompting, [{**m, "content": t} for m, t in zip(messages, texts)]):
+        raise CheckpointError(f"{prompting.source}: the chat template rewrites the messages' text, so a "
+                              f"typed control token cannot be kept as text; use --no-chat")
+    encoding = tok.encode(text, add_special_tokens=False)  # as transformers tokenizes a rendered chat
+    control = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    ids = []
+    for i, (start, end) in zip(encoding.ids, encoding.offsets):
+        typed = i in control and any(start < b and a < end for a, b in spans)
+        ids += as_text(tok, text[start:end]) if typed else [i]
+    return ids
+
+
+def plain_ids(tok: Tokenizer, prompting: Prompting, user: str, examples=()) -> list:
+    """The prompt as plain text (no template, or --no-chat), worked examples first, starting with the BOS the
+    folder asks for: tokenizer_config.json's add_bos_token, else what tokenizer.json's post-processor adds."""
+    text = "".join(f"{q}\n{a}\n\n" for q, a in examples) + user
+    if prompting.add_bos_token is None:
+        return as_text(tok, text, add_special_tokens=True)
+    bos = [prompting.bos_id] if prompting.add_bos_token else []
+    return bos + as_text(tok, text)
+
+
+def as_text(tok: Tokenizer, text: str, add_special_tokens=False) -> list:
+    """Ids of text in which a control token's spelling is text, not the token (the BOS a post-processor adds
+    is still added)."""
+    tok.encode_special_tokens = True
+    try:
+        return tok.encode(text, add_special_tokens=add_special_tokens).ids
+    finally:
+        tok.encode_special_tokens = False
+
+
+def encode(args, folder: Folder, text: str, examples=()) -> torch.Tensor:
+    """A user's prompt as the model's input ids, checked (not empty, valid UTF-8, fits the context)."""
+    if not text.strip():
+        raise UsageError("the prompt is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # argv that was not valid UTF-8 arrives with surrogate escapes
+        raise UsageError("the prompt is not valid UTF-8") from None
+    if args.chat and folder.prompting.template:
+        ids = chat_ids(folder.tok, folder.prompting, few_shot(text, examples))
+    else:
+        ids = plain_ids(folder.tok, folder.prompting, text, examples)
+    if len(ids) + args.max_new_tokens > folder.cfg.max_position_embeddings:
+        raise UsageError(f"the prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
+                         f"the model's context of {folder.cfg.max_position_embeddings} tokens")
+    return torch.tensor(ids, device=args.device)
+
+
+def load_weights(args, cfg, longest_prompt):
+    """Load the weights with a KV cache just long enough for the longest request (and its tree)."""
+    dtype = torch.bfloat16 if args.dtype == "auto" and args.device == "cuda" else \
+        torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
+    width = max(args.width) if isinstance(args.width, list) else args.width
+    return load_model(args.model, cache_slots(longest_prompt, args.max_new_tokens, args.period, width),
+                      dtype, args.device)
