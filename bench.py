@@ -362,6 +362,13 @@ def bench(args):
         print_table(["mode", "f", "plan", "ms", "ratio", "ideal", "ratio / ideal"],
                     [[r["mode"], r["f"], r["plan"], f"{r['ms']:.3f}", f"{r['ratio']:.3f}",
                       f"{r['ideal']:.3f}", f"{r['ratio'] / r['ideal']:.2f}"] for r in rows])
+        if torch.device(args.device).type == "cpu":
+            print(f"fine MLP, fp32, each plan forced: where gathering the kept rows stops paying "
+                  f"(kernels.GATHER_BELOW = {kernels.GATHER_BELOW})")
+            rows = bench_fine_plans(h, D, reps=3 if args.quick else None)
+            print_table(["f", "gather ms", "mask ms", "gather / mask", "plan taken"],
+                        [[r["f"], f"{r['gather']:.3f}", f"{r['mask']:.3f}", f"{r['gather'] / r['mask']:.3f}",
+                          r["plan"]] for r in rows])
     big = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, vocab_size=128256 // 32, rope_theta=5e5,
                       tie_word_embeddings=False)

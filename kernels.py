@@ -13,13 +13,17 @@ import torch
 import torch.nn.functional as F
 
 SPARSITIES = ("dense", "fine", "coarse")
-GATHER_BELOW = 0.6  # fine_mlp reads only the kept rows when keep < this; above, masking the dense product wins
+# fine_mlp on a CPU in fp32 gathers the kept rows while keep < GATHER_BELOW, and masks the dense product from
+# there on. Measured (bench.py, one thread, gather / mask time): SmolLM2's MLP (h 576: short rows, dear to
+# gather) ties at keep 0.5 and loses 10-30% from 0.6 to 0.9; a Llama-3-8B layer (h 4096) wins throughout
+# (0.75-0.85 at 0.5-0.8, 0.92 at 0.9). We take the small model's switch point: no shape is slower than mask.
+GATHER_BELOW = 0.55
 
 
 @dataclass
 class MLPWeights:
-    """One layer's MLP weights: what every function below reads from its `mlp` argument. model.py's Block
-    has the same attributes; any object with them will do (the last three may be None or absent)."""
+    """One layer's MLP weights, the `mlp` argument below. model.py's Block has the same attributes; any object
+    with them will do (the last three may be None or absent)."""
     w_gate_up: torch.Tensor                   # (h, 2D): W_gate^T | W_up^T
     w_down: torch.Tensor                      # (D, h): W_down^T, one row per neuron
     b_gate_up: torch.Tensor | None = None     # (2D,): gate | up biases (checkpoints with mlp_bias)
@@ -64,29 +68,25 @@ def dense_mlp(x, mlp):
 # we keep exactly the top k instead, so every step reads the same number of rows.
 
 def select_fine(a, k):
-    """The k neurons (k,), in no particular order, with the largest |a| (a: (T, D) gate activations).
-
-    One row (a decode step) picks its own top k. Several rows (one depth of a Sirius tree) share one set, the
-    top k of sum over rows of |a|, so that a level reads one set of rows for all its branches.
-    """
+    """The k neurons (k,), in no particular order, with the largest |a| (a: (T, D) gate activations). One row
+    (a decode step) picks its own top k. Several rows (one depth of a Sirius tree) share one set, the top k
+    of the sum over rows of |a|, so that a level reads one set of rows for all its branches."""
     return a.abs().sum(0).topk(k, sorted=False).indices
 
 
 def fine_mlp_reference(x, mlp, k):
     """The fine-sparse MLP as the paper writes it, for tests and readers: this step's top k neurons by
-    |SiLU(gate)|, then the smaller dense MLP of their rows. fine_mlp computes the same without copying rows."""
+    |SiLU(gate)|, then the smaller dense MLP of their rows. fine_mlp gets it without copying the rows."""
     a = F.silu(gate_and_up(x, mlp)[0])                                 # (T, D)
     return dense_mlp(x, slice_mlp(mlp, select_fine(a, k)))
 
 
 def fine_plan(x, k, D):
-    """How fine_mlp reads the weights, and so which ideal (bytes) ratio it can reach (`mlp_bytes_ratio`):
-    "gather": all of W_gate, only the kept rows of W_up and W_down (CPU, fp32/fp64: where sampled_addmm
-    exists, while k < GATHER_BELOW * D);
-    "gather_down": all of W_gate and W_up in one product, the kept rows of W_down (CPU, other dtypes);
-    "mask": every weight once, unkept neurons zeroed (other devices, and CPU fp32 above GATHER_BELOW):
-    never much slower than dense, never faster. On CUDA, embedding_bag's kernel (one thread per output
-    element walking all k rows) is known to be slow, so "gather_down" is not used there."""
+    """How fine_mlp reads the weights, and so which ideal (bytes) ratio it can reach (`mlp_bytes_ratio`).
+    "gather" (CPU fp32/fp64, where sampled_addmm exists): all of W_gate, the kept rows of W_up and W_down.
+    "gather_down" (CPU, other dtypes; bf16 measured 0.7-0.9 of mask): W_gate and W_up, W_down's kept rows.
+    "mask": every weight once, unkept neurons zeroed; dense's cost, the floor. Off the CPU (CUDA's
+    embedding_bag walks all k rows for each output element: slow), and on it from GATHER_BELOW."""
     if x.device.type != "cpu":
         return "mask"
     if x.dtype not in (torch.float32, torch.float64):
@@ -106,25 +106,13 @@ def _kept_rows_dot(x, w_rows, idx):
 
 
 def fine_mlp(x, mlp, k, *, plan=None):
-    """The fine-sparse MLP (T, h), reading only the kept neurons' rows where that is faster (see `fine_plan`).
-
-    The gate is dense: choosing the neurons needs all of it. The "gather" plan reads one neuron's up weights
-    as one contiguous row of `mlp.up_rows` (W_up neuron-major, made once at load). Equal to
-    `fine_mlp_reference` up to rounding. `plan` forces one of fine_plan's (the bench and tests compare them).
-    """
+    """The fine-sparse MLP (T, h), reading only the kept neurons' rows where that is faster (see `fine_plan`;
+    `plan` forces one, for the bench and tests). The gate is dense: choosing the neurons needs all of it.
+    The "gather" plan reads a neuron's up weights as one contiguous row of `mlp.up_rows` (W_up neuron-major,
+    made once at load). Equal to `fine_mlp_reference` up to rounding."""
     D, b_down = mlp.w_down.shape[0], getattr(mlp, "b_down", None)
     plan = plan or fine_plan(x, k, D)
-    if plan == "mask":
-        gate, up = gate_and_up(x, mlp)                                 # (T, D) each
-        a = F.silu(gate)
-        kept = torch.zeros_like(a[0]).index_fill_(0, select_fine(a, k), 1.0)       # (D,): 1 on kept neurons
-        return _plus((a * up * kept) @ mlp.w_down, b_down)
-    if plan == "gather_down":
-        gate, up = gate_and_up(x, mlp)
-        a = F.silu(gate)
-        idx = select_fine(a, k)                                        # (k,)
-        up = up[:, idx]                                                # (T, k)
-    else:                                                              # "gather"
+    if plan == "gather":
         if getattr(mlp, "up_rows", None) is None:
             raise ValueError("fine_mlp's gather plan needs mlp.up_rows: W_up as (D, h) neuron rows")
         b_gate_up = getattr(mlp, "b_gate_up", None)
@@ -132,6 +120,14 @@ def fine_mlp(x, mlp, k, *, plan=None):
         a = F.silu(_plus(x @ mlp.w_gate_up[:, :D], b_gate))            # (T, D): the gate half only
         idx = select_fine(a, k).sort().values                          # (k,) ascending, as CSR requires
         up = _plus(_kept_rows_dot(x, mlp.up_rows, idx), None if b_up is None else b_up[idx])   # (T, k)
+    else:
+        gate, up = gate_and_up(x, mlp)                                 # (T, D) each: W_gate, W_up whole
+        a = F.silu(gate)
+        if plan == "mask":
+            kept = torch.zeros_like(a[0]).index_fill_(0, select_fine(a, k), 1.0)   # (D,): 1 on kept neurons
+            return _plus((a * up * kept) @ mlp.w_down, b_down)
+        idx = select_fine(a, k)                                        # "gather_down": (k,)
+        up = up[:, idx]                                                # (T, k)
     c = a[:, idx] * up                                                 # (T, k) kept activations
     # Sum of c-weighted rows of w_down, one bag per token: reads only the kept rows.
     down = F.embedding_bag(idx.expand(x.shape[0], -1), mlp.w_down, per_sample_weights=c, mode="sum")
@@ -142,10 +138,8 @@ def fine_mlp(x, mlp, k, *, plan=None):
 
 def griffin_scores(z):
     """Per-neuron score (D,) fp32 from the MLP activations z (T, D) = swiglu(...) of the dense prompt prefill.
-
     Each token's activation row is normalised first, so every prompt token gets an equal vote; a neuron's
-    score is then the L2 norm of its column: large if it fires strongly for many tokens.
-    """
+    score is then the L2 norm of its column: large if it fires strongly for many tokens."""
     z = z.float()
     z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)               # each token's row to unit length
     return z.norm(dim=0)                                               # (D,)
@@ -183,11 +177,9 @@ def param_count(cfg):
 
 def density(cfg, keep, sparsity):
     """Parameters read per generated token / all parameters: the paper's accounting of a sparse model.
-
     Attention, norms, embeddings and lm_head (once if tied) are dense and counted; only MLP rows are skipped:
     coarse reads 3hk per layer, fine h*D (its dense gate) + 2hk, with k = n_kept(D, keep). Biases are
-    counted as read with their rows (they are tiny): all of b_gate for fine, the kept ones otherwise.
-    """
+    counted as read with their rows (they are tiny): all of b_gate for fine, the kept ones otherwise."""
     if sparsity not in SPARSITIES:
         raise ValueError(f"unknown sparsity {sparsity!r}: expected one of {', '.join(SPARSITIES)}")
     if sparsity != "dense":
