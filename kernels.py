@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 SPARSITIES = ("dense", "fine", "coarse")
 # fine_mlp on a CPU in fp32 gathers the kept rows while keep < GATHER_BELOW, and masks the dense product from
-# there on. Measured (bench.py, one thread, gather / mask time): SmolLM2's MLP (h 576: short rows, dear to
-# gather) ties at keep 0.5 and loses 10-30% from 0.6 to 0.9; a Llama-3-8B layer (h 4096) wins throughout
-# (0.75-0.85 at 0.5-0.8, 0.92 at 0.9). We take the small model's switch point: no shape is slower than mask.
+# there on. Measured by bench.py (bench_fine_plans: one thread, gather / mask time, 5 runs on a busy 2-core
+# machine): SmolLM2's MLP (h 576: short rows, dear to gather) 0.96-1.2 at keep 0.5 and 1.02-1.4 from 0.6 to
+# 0.9; a Llama-3-8B layer (h 4096) 0.73-0.86 at 0.5, 0.79-0.94 to 0.8, 0.91-1.09 at 0.9. The switch is near
+# 0.5 for the small model and 0.9 for the large: 0.55 gathers at the paper's 0.5 and masks above it.
 GATHER_BELOW = 0.55
 
 
