@@ -212,41 +212,75 @@ def gemv_ceilings(model, reps=5):
             "this model's matrices": gbytes(mats) / timer(step, reps, dev)}
 
 
-def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.float32, reps=None, seconds=3.0,
-              device="cpu"):
-    """ms per decode-step MLP (T = 1) for dense, fine and coarse at each kept fraction f.
-
-    Random weights, as many layers (<= 64) as make 256 MB so that, as in a decode step, each layer's weights
-    come from memory, not cache; a timing is one pass over all layers / their number. Every round times all
-    variants back to back, so machine noise hits them alike; medians. reps=None: as many rounds as fit in
-    `seconds` (5 to 300). Rows: mode, f, the plan taken, ms, ratio to dense, and that plan's ideal ratio.
-    """
-    g, dev = torch.Generator().manual_seed(0), torch.device(device)
+def random_mlps(hidden, intermediate, dtype, device, g):
+    """As many random MLPs (<= 64, weights ~ N(0, 0.02), up_rows where model.py makes them) as make 256 MB,
+    so that, as in a decode step, each layer's weights come from memory, not cache."""
     layers = min(64, -(-(256 << 20) // (3 * hidden * intermediate * torch.finfo(dtype).bits // 8)))
-    rand = lambda *s: (0.02 * torch.randn(*s, generator=g)).to(dev, dtype)  # noqa: E731
-    ws = [(rand(hidden, 2 * intermediate), rand(intermediate, hidden)) for _ in range(layers)]
-    x, prompt = rand(1, hidden) * 50, rand(16, hidden) * 50
-    cases = [("dense", 1.0, "dense", [lambda w=w: kernels.dense_mlp(x, *w) for w in ws])]
-    up_rows = [w[0][:, intermediate:].T.contiguous() for w in ws]             # as FineMLP holds them
-    scores = [kernels.griffin_scores(kernels.swiglu(prompt, w[0])) for w in ws]
-    for f in fractions:
-        k = kernels.n_kept(intermediate, f)
-        sliced = [kernels.slice_mlp(*w, kernels.select_coarse(s, k)) for w, s in zip(ws, scores)]
-        cases.append(("fine", f, kernels.fine_plan(x, k, intermediate),
-                      [lambda w=w, u=u, k=k: kernels.fine_mlp(x, *w, k, u) for w, u in zip(ws, up_rows)]))
-        cases.append(("coarse", f, "coarse", [lambda s=s: kernels.dense_mlp(x, *s) for s in sliced]))
-    run_all = lambda runs: [run() for run in runs]  # noqa: E731
+    rand = lambda *s: (0.02 * torch.randn(*s, generator=g)).to(device, dtype)  # noqa: E731
+    mlps = [kernels.MLPWeights(rand(hidden, 2 * intermediate), rand(intermediate, hidden))
+            for _ in range(layers)]
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        for w in mlps:
+            w.up_rows = w.w_gate_up[:, intermediate:].T.contiguous()               # (D, h)
+    return mlps
+
+
+def time_cases(cases, layers, reps, seconds, device):
+    """Median seconds per layer of each case (a list of runs, one per layer). One untimed pass of every case
+    first (first touch of every buffer, one-time allocations); then every round times all cases back to back,
+    so machine noise hits them alike. reps=None: as many rounds as fit in `seconds` (5 to 300)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
-    for *_, runs in cases:                                             # warm-up (first touch of every buffer)
-        run_all(runs)
+    for runs in cases:
+        for run in runs:
+            run()
+    sync()
     reps = reps or max(5, min(300, int(seconds / (time.perf_counter() - start))))
     times = [[] for _ in cases]
     for _ in range(reps):
-        for t, (*_, runs) in zip(times, cases):
-            t.append(timer(lambda: run_all(runs), 1, dev) / layers)
-    ms = [statistics.median(t) * 1e3 for t in times]
-    return [dict(mode=m, f=f, plan=p, ms=t, ratio=t / ms[0], ideal=kernels.mlp_bytes_ratio(f, p))
-            for (m, f, p, _), t in zip(cases, ms)]
+        for t, runs in zip(times, cases):
+            t0 = time.perf_counter()
+            for run in runs:
+                run()
+            sync()
+            t.append((time.perf_counter() - t0) / layers)
+    return [statistics.median(t) for t in times]
+
+
+def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.float32, reps=None, seconds=3.0,
+              device="cpu"):
+    """ms per decode-step MLP (T = 1) for dense, fine and coarse at each kept fraction f, on random weights;
+    a timing is one pass over all layers / their number (see random_mlps, time_cases). Rows: mode, f, the
+    plan taken, ms, ratio to dense, and that plan's ideal ratio."""
+    g, dev = torch.Generator().manual_seed(0), torch.device(device)
+    mlps = random_mlps(hidden, intermediate, dtype, dev, g)
+    x, prompt = [torch.randn(t, hidden, generator=g).to(dev, dtype) for t in (1, 16)]   # a step, a prompt
+    rows = [("dense", 1.0, "dense", [lambda w=w: kernels.dense_mlp(x, w) for w in mlps])]
+    scores = [kernels.griffin_scores(kernels.swiglu(prompt, w)) for w in mlps]
+    for f in fractions:
+        k = kernels.n_kept(intermediate, f)
+        sliced = [kernels.slice_mlp(w, kernels.select_coarse(s, k)) for w, s in zip(mlps, scores)]
+        rows.append(("fine", f, kernels.fine_plan(x, k, intermediate),
+                     [lambda w=w, k=k: kernels.fine_mlp(x, w, k) for w in mlps]))
+        rows.append(("coarse", f, "coarse", [lambda s=s: kernels.dense_mlp(x, s) for s in sliced]))
+    secs = time_cases([runs for *_, runs in rows], len(mlps), reps, seconds, dev)
+    return [dict(mode=m, f=f, plan=p, ms=t * 1e3, ratio=t / secs[0], ideal=kernels.mlp_bytes_ratio(f, p))
+            for (m, f, p, _), t in zip(rows, secs)]
+
+
+def bench_fine_plans(hidden, intermediate, fractions=(0.5, 0.6, 0.7, 0.8, 0.9), reps=None, seconds=3.0):
+    """The measurement behind kernels.GATHER_BELOW: ms per decode-step fine MLP, CPU fp32, with each of the
+    plans forced, at each kept fraction f, on random weights (as bench_mlp). Rows: f, gather ms, mask ms,
+    their ratio, and the plan fine_plan takes."""
+    g, dev = torch.Generator().manual_seed(0), torch.device("cpu")
+    mlps = random_mlps(hidden, intermediate, torch.float32, dev, g)
+    x = torch.randn(1, hidden, generator=g)
+    cases = [[lambda w=w, k=kernels.n_kept(intermediate, f), p=plan: kernels.fine_mlp(x, w, k, plan=p)
+              for w in mlps] for f in fractions for plan in ("gather", "mask")]
+    secs = time_cases(cases, len(mlps), reps, seconds, dev)
+    return [dict(f=f, gather=secs[2 * i] * 1e3, mask=secs[2 * i + 1] * 1e3,
+                 plan=kernels.fine_plan(x, kernels.n_kept(intermediate, f), intermediate))
+            for i, f in enumerate(fractions)]
 
 
 def decode_rows(model, prompt, n, args, rounds):
@@ -344,6 +378,13 @@ def bench(args):
         print_table(["mode", "f", "plan", "ms", "ratio", "ideal", "ratio / ideal"],
                     [[r["mode"], r["f"], r["plan"], f"{r['ms']:.3f}", f"{r['ratio']:.3f}",
                       f"{r['ideal']:.3f}", f"{r['ratio'] / r['ideal']:.2f}"] for r in rows])
+        if torch.device(args.device).type == "cpu":
+            print(f"fine MLP, fp32, each plan forced: where gathering the kept rows stops paying "
+                  f"(kernels.GATHER_BELOW = {kernels.GATHER_BELOW})")
+            rows = bench_fine_plans(h, D, reps=3 if args.quick else None)
+            print_table(["f", "gather ms", "mask ms", "gather / mask", "plan taken"],
+                        [[r["f"], f"{r['gather']:.3f}", f"{r['mask']:.3f}", f"{r['gather'] / r['mask']:.3f}",
+                          r["plan"]] for r in rows])
     big = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, vocab_size=128256 // 32, rope_theta=5e5,
                       tie_word_embeddings=False)

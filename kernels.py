@@ -7,30 +7,61 @@ a decode step has T = 1. `keep` is the kept fraction f of the D MLP neurons; `de
 per token over all parameters, a property of a whole model.
 """
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 SPARSITIES = ("dense", "fine", "coarse")
-GATHER_BELOW = 0.6  # fine_mlp reads only the kept rows when keep < this; above, streaming all rows is faster
+# fine_mlp on a CPU in fp32 gathers the kept rows while keep < GATHER_BELOW, and masks the dense product from
+# there on. Measured by bench.py (bench_fine_plans: one thread, gather / mask time, 5 runs on a busy 2-core
+# machine): SmolLM2's MLP (h 576: short rows, dear to gather) 0.96-1.2 at keep 0.5 and 1.02-1.4 from 0.6 to
+# 0.9; a Llama-3-8B layer (h 4096) 0.73-0.86 at 0.5, 0.79-0.94 to 0.8, 0.91-1.09 at 0.9. The switch is near
+# 0.5 for the small model and 0.9 for the large: 0.55 gathers at the paper's 0.5 and masks above it.
+GATHER_BELOW = 0.55
+
+
+@dataclass
+class MLPWeights:
+    """One layer's MLP weights, the `mlp` argument below. model.py's Block has the same attributes; any object
+    with them will do (the last three may be None or absent)."""
+    w_gate_up: torch.Tensor                   # (h, 2D): W_gate^T | W_up^T
+    w_down: torch.Tensor                      # (D, h): W_down^T, one row per neuron
+    b_gate_up: torch.Tensor | None = None     # (2D,): gate | up biases (checkpoints with mlp_bias)
+    b_down: torch.Tensor | None = None        # (h,)
+    up_rows: torch.Tensor | None = None       # (D, h): W_up neuron-major, for fine_mlp's "gather" plan
+
+
+def _plus(y, bias):
+    """y + bias, where a checkpoint without biases has None."""
+    return y if bias is None else y + bias
+
+
+def check_keep(keep):
+    """A kept fraction must be in (0, 1]: raises ValueError otherwise (nan included)."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"the kept fraction must be in (0, 1], got {keep}")
 
 
 def n_kept(D, keep):
-    """How many of D neurons a kept fraction keeps: the one rounding rule used everywhere."""
-    if not 0 < keep <= 1:
-        raise ValueError(f"the kept fraction must be in (0, 1], got {keep}")
+    """How many of D neurons a kept fraction keeps (see check_keep): the one rounding rule used everywhere."""
     return max(1, round(keep * D))
 
 
-def swiglu(x, w_gate_up):
-    """The MLP's neuron activations (T, D): silu(x W_gate^T) * (x W_up^T), both read in one product."""
-    gate, up = (x @ w_gate_up).chunk(2, dim=-1)                        # (T, D) each
+def gate_and_up(x, mlp):
+    """The gate and up pre-activations (T, D) each, both read in one product."""
+    return _plus(x @ mlp.w_gate_up, getattr(mlp, "b_gate_up", None)).chunk(2, dim=-1)
+
+
+def swiglu(x, mlp):
+    """The MLP's neuron activations (T, D): silu(x W_gate^T + b_gate) * (x W_up^T + b_up)."""
+    gate, up = gate_and_up(x, mlp)
     return F.silu(gate) * up
 
 
-def dense_mlp(x, w_gate_up, w_down):
+def dense_mlp(x, mlp):
     """SwiGLU MLP: (T, h) -> (T, h)."""
-    return swiglu(x, w_gate_up) @ w_down                               # (T, D) @ (D, h)
+    return _plus(swiglu(x, mlp) @ mlp.w_down, getattr(mlp, "b_down", None))         # (T, D) @ (D, h)
 
 
 # --- fine-grained (paper: FSparse): per token, the k neurons with the largest |SiLU(gate)| ------------------
@@ -38,31 +69,30 @@ def dense_mlp(x, w_gate_up, w_down):
 # we keep exactly the top k instead, so every step reads the same number of rows.
 
 def select_fine(a, k):
-    """The k neurons with the largest |a| (a: (T, D) gate activations), ascending.
-
-    One row (a decode step) picks its own top k. Several rows (one depth of a Sirius tree) share one set, the
-    top k of sum over rows of |a|, so that a level reads one set of rows for all its branches. Ascending order
-    is what `_kept_rows_dot`'s sparse pattern requires (CSR column indices are sorted within a row).
-    """
-    return a.abs().sum(0).topk(k, sorted=False).indices.sort().values
+    """The k neurons (k,), in no particular order, with the largest |a| (a: (T, D) gate activations). One row
+    (a decode step) picks its own top k. Several rows (one depth of a Sirius tree) share one set, the top k
+    of the sum over rows of |a|, so that a level reads one set of rows for all its branches."""
+    return a.abs().sum(0).topk(k, sorted=False).indices
 
 
-def fine_mlp_reference(x, w_gate_up, w_down, k):
-    """The readable fine-sparse MLP: the dense MLP with the unkept neurons zeroed."""
-    D = w_down.shape[0]
-    a = F.silu(x @ w_gate_up[:, :D])                                   # (T, D)
-    keep = torch.zeros(D, dtype=x.dtype, device=x.device).index_fill_(0, select_fine(a, k), 1.0)
-    return (swiglu(x, w_gate_up) * keep) @ w_down
+def fine_mlp_reference(x, mlp, k):
+    """The fine-sparse MLP as the paper writes it, for tests and readers: this step's top k neurons by
+    |SiLU(gate)|, then the smaller dense MLP of their rows. fine_mlp gets it without copying the rows."""
+    a = F.silu(gate_and_up(x, mlp)[0])                                 # (T, D)
+    return dense_mlp(x, slice_mlp(mlp, select_fine(a, k)))
 
 
 def fine_plan(x, k, D):
-    """How a fine step reads the weights, and so which ideal (bytes) ratio it can reach (`mlp_bytes_ratio`):
-    "gather": only the kept rows of W_up and W_down (CPU, fp32/fp64, where sampled_addmm exists);
-    "gather_down": all of W_gate and W_up in one product, the kept rows of W_down (other devices and dtypes);
-    "stream": everything, then mask (when so many neurons are kept that scattered reads cost more)."""
-    if k >= GATHER_BELOW * D:
-        return "stream"
-    return "gather" if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) else "gather_down"
+    """How fine_mlp reads the weights, and so which ideal (bytes) ratio it can reach (`mlp_bytes_ratio`).
+    "gather" (CPU fp32/fp64, where sampled_addmm exists): all of W_gate, the kept rows of W_up and W_down.
+    "gather_down" (CPU, other dtypes; bf16 measured 0.7-0.9 of mask): W_gate and W_up, W_down's kept rows.
+    "mask": every weight once, unkept neurons zeroed; dense's cost, the floor. Off the CPU (CUDA's
+    embedding_bag walks all k rows for each output element: slow), and on it from GATHER_BELOW."""
+    if x.device.type != "cpu":
+        return "mask"
+    if x.dtype not in (torch.float32, torch.float64):
+        return "gather_down"
+    return "gather" if k < GATHER_BELOW * D else "mask"
 
 
 def _kept_rows_dot(x, w_rows, idx):
@@ -76,38 +106,41 @@ def _kept_rows_dot(x, w_rows, idx):
         return torch.sparse.sampled_addmm(pattern, x, w_rows.t(), beta=0.0).values().view(T, k)
 
 
-def fine_mlp(x, w_gate_up, w_down, k, up_rows=None):
-    """The fine-sparse MLP, reading only the kept neurons' rows where the machine allows (see `fine_plan`).
-
-    The gate is dense: choosing the neurons needs all of it. `up_rows` is W_up in neuron-major (D, h) order,
-    which the "gather" plan needs to read one neuron's up weights as one contiguous row (`FineMLP` in
-    sirius_min.py holds it). Equal to `fine_mlp_reference` up to rounding.
-    """
-    D = w_down.shape[0]
-    plan = fine_plan(x, k, D)
-    if plan == "stream":
-        return fine_mlp_reference(x, w_gate_up, w_down, k)
-    if plan == "gather" and up_rows is not None:
-        a = F.silu(x @ w_gate_up[:, :D])                               # (T, D): the gate half only
-        idx = select_fine(a, k)                                        # (k,) ascending
-        c = a[:, idx] * _kept_rows_dot(x, up_rows, idx)                # (T, k) kept activations
-    else:                                                              # "gather_down"
-        gate, up = (x @ w_gate_up).chunk(2, dim=-1)
+def fine_mlp(x, mlp, k, *, plan=None):
+    """The fine-sparse MLP (T, h), reading only the kept neurons' rows where that is faster (see `fine_plan`;
+    `plan` forces one, for the bench and tests). The gate is dense: choosing the neurons needs all of it.
+    The "gather" plan reads a neuron's up weights as one contiguous row of `mlp.up_rows` (W_up neuron-major,
+    made once at load). Equal to `fine_mlp_reference` up to rounding."""
+    D, b_down = mlp.w_down.shape[0], getattr(mlp, "b_down", None)
+    plan = plan or fine_plan(x, k, D)
+    if plan == "gather":
+        if getattr(mlp, "up_rows", None) is None:
+            raise ValueError("fine_mlp's gather plan needs mlp.up_rows: W_up as (D, h) neuron rows")
+        b_gate_up = getattr(mlp, "b_gate_up", None)
+        b_gate, b_up = (None, None) if b_gate_up is None else b_gate_up.chunk(2)
+        a = F.silu(_plus(x @ mlp.w_gate_up[:, :D], b_gate))            # (T, D): the gate half only
+        idx = select_fine(a, k).sort().values                          # (k,) ascending, as CSR requires
+        up = _plus(_kept_rows_dot(x, mlp.up_rows, idx), None if b_up is None else b_up[idx])   # (T, k)
+    else:
+        gate, up = gate_and_up(x, mlp)                                 # (T, D) each: W_gate, W_up whole
         a = F.silu(gate)
-        idx = select_fine(a, k)
-        c = a[:, idx] * up[:, idx]
+        if plan == "mask":
+            kept = torch.zeros_like(a[0]).index_fill_(0, select_fine(a, k), 1.0)   # (D,): 1 on kept neurons
+            return _plus((a * up * kept) @ mlp.w_down, b_down)
+        idx = select_fine(a, k)                                        # "gather_down": (k,)
+        up = up[:, idx]                                                # (T, k)
+    c = a[:, idx] * up                                                 # (T, k) kept activations
     # Sum of c-weighted rows of w_down, one bag per token: reads only the kept rows.
-    return F.embedding_bag(idx.expand(x.shape[0], -1), w_down, per_sample_weights=c, mode="sum")
+    down = F.embedding_bag(idx.expand(x.shape[0], -1), mlp.w_down, per_sample_weights=c, mode="sum")
+    return _plus(down, b_down)
 
 
 # --- coarse-grained (paper: CSparse, GRIFFIN): neurons chosen once from the prompt ------------------------
 
 def griffin_scores(z):
     """Per-neuron score (D,) fp32 from the MLP activations z (T, D) = swiglu(...) of the dense prompt prefill.
-
     Each token's activation row is normalised first, so every prompt token gets an equal vote; a neuron's
-    score is then the L2 norm of its column: large if it fires strongly for many tokens.
-    """
+    score is then the L2 norm of its column: large if it fires strongly for many tokens."""
     z = z.float()
     z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)               # each token's row to unit length
     return z.norm(dim=0)                                               # (D,)
@@ -118,46 +151,52 @@ def select_coarse(scores, k):
     return scores.topk(k, sorted=False).indices.sort().values
 
 
-def slice_mlp(w_gate_up, w_down, idx):
-    """The kept neurons' weights as new contiguous matrices (h, 2k) and (k, h): a smaller dense MLP."""
-    D = w_down.shape[0]
-    return w_gate_up[:, torch.cat([idx, D + idx])].contiguous(), w_down.index_select(0, idx)
-
-
-def coarse_mlp_reference(x, w_gate_up, w_down, idx):
-    """The readable coarse-sparse MLP: the dense MLP with the same unkept neurons zeroed for every token."""
-    keep = torch.zeros(w_down.shape[0], dtype=x.dtype, device=x.device).index_fill_(0, idx, 1.0)   # (D,)
-    return (swiglu(x, w_gate_up) * keep) @ w_down
+def slice_mlp(mlp, idx):
+    """The neurons idx (k,) as a smaller dense MLP: new contiguous weights (h, 2k) and (k, h), gate and up
+    biases sliced alike, b_down unchanged. Allocates 3·h·k weights per layer (the copies make every later
+    step read contiguous memory)."""
+    D = mlp.w_down.shape[0]
+    cols = torch.cat([idx, D + idx])                                   # gate | up columns of the kept neurons
+    b_gate_up = getattr(mlp, "b_gate_up", None)
+    return MLPWeights(mlp.w_gate_up.index_select(1, cols), mlp.w_down.index_select(0, idx),
+                      None if b_gate_up is None else b_gate_up[cols], getattr(mlp, "b_down", None))
 
 
 # --- accounting ------------------------------------------------------------------------------------------
 
 def param_count(cfg):
-    """All parameters of a Llama from its config: embeddings (and untied lm_head), attention, MLP, norms."""
+    """All parameters of a Llama from its config: embeddings (and untied lm_head), attention, MLP, norms, and
+    the biases of checkpoints with attention_bias (q, k, v, o) or mlp_bias (gate, up, down)."""
     h, D, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    attn = 2 * h * hd * (cfg.num_attention_heads + cfg.num_key_value_heads)   # q, o and k, v projections
+    q_o, k_v = hd * cfg.num_attention_heads, hd * cfg.num_key_value_heads
+    attn = 2 * h * (q_o + k_v) + getattr(cfg, "attention_bias", False) * (q_o + 2 * k_v + h)
+    mlp = 3 * h * D + getattr(cfg, "mlp_bias", False) * (2 * D + h)
     embed = cfg.vocab_size * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
-    return L * (attn + 3 * h * D + 2 * h) + h + embed                       # + 2 norms a layer, final norm
+    return L * (attn + mlp + 2 * h) + h + embed                          # + 2 norms a layer, final norm
 
 
 def density(cfg, keep, sparsity):
     """Parameters read per generated token / all parameters: the paper's accounting of a sparse model.
-
     Attention, norms, embeddings and lm_head (once if tied) are dense and counted; only MLP rows are skipped:
-    coarse reads 3hk per layer, fine h*D (its dense gate) + 2hk, with k = n_kept(D, keep).
-    """
+    coarse reads 3hk per layer, fine h*D (its dense gate) + 2hk, with k = n_kept(D, keep). Biases are
+    counted as read with their rows (they are tiny): all of b_gate for fine, the kept ones otherwise."""
     if sparsity not in SPARSITIES:
         raise ValueError(f"unknown sparsity {sparsity!r}: expected one of {', '.join(SPARSITIES)}")
+    if sparsity != "dense":
+        check_keep(keep)
     h, D, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     k = D if sparsity == "dense" else n_kept(D, keep)
-    mlp_read = {"dense": 3 * h * D, "coarse": 3 * h * k, "fine": h * D + 2 * h * k}[sparsity]
+    gate, up, down = (D, k, k) if sparsity == "fine" else (k, k, k)   # neurons whose rows are read
+    bias = getattr(cfg, "mlp_bias", False)
+    mlp_read = h * (gate + up + down) + bias * (gate + up + h)
+    mlp_all = 3 * h * D + bias * (2 * D + h)
     total = param_count(cfg)
-    return (total - L * (3 * h * D - mlp_read)) / total
+    return (total - L * (mlp_all - mlp_read)) / total
 
 
 def mlp_bytes_ratio(keep, plan):
     """Ideal sparse/dense time of one decode-step MLP: the share of its weights a plan reads (a batch-1 step
-    is memory-bound). plan: "dense", "coarse" or one of `fine_plan`'s."""
+    is memory-bound; biases left out). plan: "dense", "coarse" or one of `fine_plan`'s."""
     return {"dense": 1.0, "coarse": keep, "gather": (1 + 2 * keep) / 3, "gather_down": (2 + keep) / 3,
-            "stream": 1.0}[plan]
+            "mask": 1.0}[plan]
