@@ -102,11 +102,11 @@ def one_token_vs_one_pass(model, prompt, tokens):
 def test_cuda_bf16_strict_tree_sirius_is_dense_greedy_up_to_near_ties(smollm, cuda_bf16, sparsity):
     """In bf16, strict Sirius (w = 4) takes each token as the argmax of logits computed in K-token tree
     passes, dense greedy as the argmax of one-token steps: the two round differently, so where the top two
-    logits nearly tie they may pick different tokens, and the texts part there. Asserted: most prompts
-    (4 of 5) give the dense tokens exactly, and where one does not, the first differing token was a
-    near-tie: the dense logits of the two tokens differ by at most 4x the measured one-token vs one-pass
-    noise (argmax can flip only if the gap is below twice the noise; twice again because a tree pass also
-    differs from a causal pass in its kernel and mask)."""
+    logits (nearly) tie they may pick different tokens, and the texts part there. (bf16 logits tie exactly
+    at times: near 20 its steps are 0.125 apart.) Asserted: most prompts give the dense tokens exactly, and
+    where one does not, the first differing token was a near-tie: the dense logits of the two tokens differ
+    by at most twice the noise, the largest difference between logits computed in one-token steps and in
+    one wide pass (with every logit off by at most that, only such a gap can flip the argmax)."""
     same, corrections = 0, 0
     for text in PROMPTS:
         prompt = chat(smollm, text)
@@ -120,9 +120,9 @@ def test_cuda_bf16_strict_tree_sirius_is_dense_greedy_up_to_near_ties(smollm, cu
         logits, noise = one_token_vs_one_pass(cuda_bf16, prompt, dense)
         gap = float(logits[i, dense[i]] - logits[i, res.tokens[i]])
         print(f"\n{sparsity}: parts from dense at token {i}: logit gap {gap:.4f}, noise {noise:.4f}")
-        assert gap <= 4 * noise
+        assert gap <= 2 * noise
     print(f"\nbf16 strict Sirius w = 4 ({sparsity}): {same}/{len(PROMPTS)} prompts give the dense tokens")
-    assert same >= len(PROMPTS) - 1 and corrections > 0
+    assert same > len(PROMPTS) / 2 and corrections > 0
 
 
 # --- graph capture: torch.compile(mode="reduce-overhead") -------------------------------------------------
@@ -145,8 +145,9 @@ def test_cuda_compiled_decoding_gives_the_eager_tokens(smollm, cuda_model):
 
 def test_cuda_one_token_steps_on_the_flash_kernel_match_math(smollm, cuda_model, cuda_bf16):
     """One-token steps pass no mask, so flash attention can take them (forced here: it raises if it cannot).
-    Flash and math differ only inside attention; bf16 and fp32 differ in every product. So flash's distance
-    from math must be below bf16's own distance from fp32."""
+    In bf16 any change of rounding order grows over 30 layers to the size of bf16's own error, so flash is
+    not compared with math directly: it must be about as close to the fp32 model as math is (within 2x;
+    a wrong mask or head layout would be off by far more)."""
     ids = chat(smollm, PROMPTS[1])
     prompt, steps = ids[:-8], ids[-8:]
 
@@ -157,16 +158,16 @@ def test_cuda_one_token_steps_on_the_flash_kernel_match_math(smollm, cuda_model,
 
     flash, math = decode(cuda_bf16, SDPBackend.FLASH_ATTENTION), decode(cuda_bf16, SDPBackend.MATH)
     fp32 = decode(cuda_model, SDPBackend.MATH)
-    print(f"\none-token steps, bf16: flash vs math {rel_err(flash, math):.2e}, "
-          f"math vs fp32 {rel_err(math, fp32):.2e}")
-    assert rel_err(flash, math) < rel_err(math, fp32)
+    print(f"\none-token steps, bf16 vs fp32: flash {rel_err(flash, fp32):.2e}, "
+          f"math {rel_err(math, fp32):.2e}")
+    assert rel_err(flash, fp32) <= 2 * rel_err(math, fp32)
 
 
 def tree_passes(model, prompt, tokens, backend, period=8, width=4):
     """The attention of a Sirius tree (K = 8, w = 4) after `prompt`: a draft pass per depth, then the verify
     pass over all 1 + (K-1)·w nodes, each with its tree positions and mask; their logits (fp32), in order."""
     from bench import side_by_side_chains
-    depth, sees = side_by_side_chains(period, width, "cuda")
+    depth, sees = side_by_side_chains(period, width, prompt.device)
     pos, n = len(prompt), len(depth)
     depths = [range(0, 1)] + [range(1 + (d - 1) * width, 1 + d * width) for d in range(1, period)]
     model(prompt, 0)
@@ -179,17 +180,17 @@ def tree_passes(model, prompt, tokens, backend, period=8, width=4):
 
 def test_cuda_tree_passes_on_the_efficient_kernel_match_math(smollm, cuda_model, cuda_bf16):
     """Masked multi-token passes with grouped heads must reach SDPA's memory-efficient kernel (forced here:
-    it raises if it cannot) and give math's numbers: within 1e-4 in fp32, and in bf16 closer to math than
-    bf16 is to fp32."""
+    it raises if it cannot) and give math's numbers: within 1e-4 in fp32; in bf16 about as close to the fp32
+    model as math is (within 2x, as for flash above)."""
     prompt, tokens = chat(smollm, PROMPTS[2]), chat(smollm, PROMPTS[3]).repeat(2)    # >= 29 nodes' tokens
     eff32 = tree_passes(cuda_model, prompt, tokens, SDPBackend.EFFICIENT_ATTENTION)
     math32 = tree_passes(cuda_model, prompt, tokens, SDPBackend.MATH)
     eff16 = tree_passes(cuda_bf16, prompt, tokens, SDPBackend.EFFICIENT_ATTENTION)
     math16 = tree_passes(cuda_bf16, prompt, tokens, SDPBackend.MATH)
-    print(f"\ntree passes: fp32 efficient vs math {rel_err(eff32, math32):.2e}; bf16 efficient vs math "
-          f"{rel_err(eff16, math16):.2e}, math bf16 vs fp32 {rel_err(math16, math32):.2e}")
+    print(f"\ntree passes: fp32 efficient vs math {rel_err(eff32, math32):.2e}; bf16 vs fp32: efficient "
+          f"{rel_err(eff16, math32):.2e}, math {rel_err(math16, math32):.2e}")
     assert rel_err(eff32, math32) <= 1e-4
-    assert rel_err(eff16, math16) < rel_err(math16, math32)
+    assert rel_err(eff16, math32) <= 2 * rel_err(math16, math32)
 
 
 # --- the host waits for the GPU once per period, once per token -------------------------------------------
