@@ -302,34 +302,39 @@ def side_by_side_chains(period, width, device):
     return depth.to(device), sees.to(device)
 
 
-def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict, reps):
+def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict, reps, chain_step=None):
     """Seconds of one Sirius period and of its parts, each pass with the positions and mask the period gives
     it (sirius_min.tree_view): the root's draft step (one token), a draft step over one depth (w tokens),
     the verify pass (1 + (K-1)·w tokens) and a whole `sirius_period`. "rest" is the period minus root,
     K-2 draft steps and the verify pass: choosing tokens, the acceptance rule, the back-gather, the
-    read-back."""
+    read-back. chain_step: a chain's one-token drafting pass (sirius_min.one_token_step), for w = 1."""
     from sirius_min import tree_view     # (the lead may move this into the imports at the top)
     dev = t0.device
     depth, sees = side_by_side_chains(period, width, dev)
     tokens = t0.view(1).repeat(len(depth))                  # the tokens do not change a pass's cost
+    chain_step = chain_step if width == 1 else None
 
     def step(nodes, mlp):                                   # one pass over `nodes`, as sirius_period runs it
+        if chain_step is not None and mlp is not None:
+            return chain_step(tokens[nodes.start:nodes.stop], pos + nodes.start, mlp)
         return model(tokens[nodes.start:nodes.stop], pos + nodes.start, mlp=mlp,
                      **tree_view(sees, pos, nodes, depth, width))
 
     middle = range(1 + (period // 2 - 1) * width, 1 + period // 2 * width)   # the nodes of one depth
+    drafting = {} if chain_step is None else {"step": chain_step}
     t = dict(root=timer(lambda: step(range(0, 1), sparse_mlp), reps, dev),
              draft=timer(lambda: step(middle, sparse_mlp), reps, dev),
              verify=timer(lambda: step(range(0, len(depth)), None), reps, dev),
              period=timer(lambda: sirius_period(model, sparse_mlp, t0.view(1), pos, period=period,
-                                                width=width, threshold=threshold, strict=strict), reps, dev))
+                                                width=width, threshold=threshold, strict=strict, **drafting),
+                          reps, dev))
     t["rest"] = t["period"] - (t["root"] + (period - 2) * t["draft"] + t["verify"])
     return t
 
 
 def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, widths=(1, 4, 8), aals=None,
                     reps=10, *, sparsity="coarse", cfg=None, context=512, threshold=0.1, strict=False,
-                    aal_source="passed in"):
+                    aal_source="passed in", compile=False):
     """Decode steps and Sirius periods of a random-weight Llama of Llama-3-8B's shape (or `cfg`), after a
     `context`-token prompt; every time a median of `reps` after one untimed run, waiting for the device.
 
@@ -338,8 +343,10 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     `aals` {w: AAL} were measured elsewhere for the same w (`aal_source` says where) and the paper's AAL
     appears only for the (sparsity, w, K = 16) it was measured at. Ideals: "density" is the paper's
     accounting (kernels.density); "plan" the share of all weights this code's plan reads in a step.
+    compile: one-token steps (dense and coarse; fine left out to save a compilation) and a chain's drafting
+    run as sirius_min.one_token_step's torch.compile(mode="reduce-overhead") graph, after 3 untimed runs.
     """
-    from sirius_min import prefill_and_sparse_mlp     # (the lead may move this into the imports at the top)
+    from sirius_min import one_token_step, prefill_and_sparse_mlp     # (the lead may move these to the top)
     dev, cfg, aals = torch.device(device), cfg or llama3_8b_config(), aals or {}
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -351,30 +358,41 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     print(f"{cfg.num_hidden_layers} layers, h {cfg.hidden_size}, D {cfg.intermediate_size}, "
           f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocabulary {cfg.vocab_size}: "
           f"{weights_gb:.2f} GB of random weights in {dtype} on {dev}; {context}-token context, f = {keep}, "
-          f"K = {period}, {reps} timed runs (medians) after one untimed run")
+          f"K = {period}, {reps} timed runs (medians) after one untimed run"
+          + ("; one-token steps and chain drafting graph-captured (torch.compile)" if compile else ""))
 
     D, L, total = cfg.intermediate_size, cfg.num_hidden_layers, kernels.param_count(cfg)
     k = kernels.n_kept(D, keep)
     plans = {"dense": "dense", "coarse": "coarse",
              "fine": kernels.fine_plan(torch.empty(1, cfg.hidden_size, device=dev, dtype=dtype), k, D)}
+    if compile:
+        del plans["fine"]
     # the share of all weights a one-token step reads under each plan (only MLP weights are skipped)
     reads = {s: 1 - L * 3 * cfg.hidden_size * D * (1 - kernels.mlp_bytes_ratio(keep, p)) / total
              for s, p in plans.items()}
     dens = {s: kernels.density(cfg, keep, s) for s in plans}
     mlps = {"dense": None}
     for s in ("coarse", "fine"):       # each prefill rewrites the same prompt slots with the same keys/values
-        mlps[s] = prefill_and_sparse_mlp(model, prompt, s, keep)[1]
-    steps = {s: timer(lambda s=s: model(t0, pos, mlp=mlps[s]), reps, dev) for s in plans}
+        if s in plans or s == sparsity:
+            mlps[s] = prefill_and_sparse_mlp(model, prompt, s, keep)[1]
+    step = one_token_step(model, compile, dev)    # the model itself, or its graph-captured one-token pass
+    if compile:
+        for s in plans:
+            for _ in range(3):                     # compile, then let the graph be recorded
+                step(t0, pos, mlps[s])
+    steps = {s: timer(lambda s=s: step(t0, pos, mlps[s]), reps, dev) for s in plans}
     dense = steps["dense"]
-    step_rows = [[s + (f" (plan {plans[s]})" if s == "fine" else ""), f"{steps[s] * 1e3:.2f}",
-                  f"{steps[s] / dense:.3f}", f"{dens[s]:.3f}", f"{reads[s]:.3f}"] for s in plans]
+    name = {"dense": "dense", "coarse": "coarse", "fine": f"fine (plan {plans.get('fine')})"}
+    step_rows = [[name[s] + " (graph)" * compile, f"{steps[s] * 1e3:.2f}", f"{steps[s] / dense:.3f}",
+                  f"{dens[s]:.3f}", f"{reads[s]:.3f}"] for s in plans]
     print_table(["one-token step", "ms", "/ dense", "ideal: density", "ideal: plan"], step_rows)
 
     parts, proj_rows, part_rows = {}, [], []
     d = dens[sparsity]
     for w in widths:
         t = parts[w] = sirius_parts(model, mlps[sparsity], t0, pos, period=period, width=w,
-                                    threshold=threshold, strict=strict, reps=reps)
+                                    threshold=threshold, strict=strict, reps=reps,
+                                    chain_step=step if compile else None)
         part_rows.append([w, 1 + (period - 1) * w] + [f"{t[p] * 1e3:.2f}" for p in
                                                        ("root", "draft", "verify", "rest", "period")]
                          + [f"{t['draft'] / dense:.2f}", f"{t['verify'] / dense:.2f}",

@@ -5,7 +5,7 @@
 #
 # Runs, in bf16 where a model is involved: the CUDA tests (tests/test_cuda.py), the demo, the quick bench,
 # and the Llama-3-8B-shape bench (32 layers, random weights built on the GPU, 16 GB; about 22 GB at peak
-# with coarse sparsity's copy of the kept MLP rows).
+# with coarse sparsity's copy of the kept MLP rows), eager and then with graph-captured one-token steps.
 # Each step has its own time limit and all of them together stay under 8 minutes, so a hang costs only its
 # step; a failed step does not stop the others. Everything each step prints is appended to OUT_FILE under
 # the command that printed it, after the GPU's name and memory, torch's version and the date; the end lists
@@ -38,7 +38,7 @@ torch.cuda.get_device_name(), f'{torch.cuda.get_device_properties(0).total_memor
 # f = 0.5, K = 16, six plain-text questions), since a random-weight model's drafts mean nothing; the paper's
 # 15.22 is shown for coarse w = 8 only.
 read -r -d '' LLAMA3_8B <<'EOF'
-import torch, bench
+import json, os, torch, bench
 from tokenizers import Tokenizer
 from convert_gguf import default_model_dir
 from model import load_model
@@ -57,10 +57,25 @@ for w in widths:
         advances += sirius(small, ids, 64, sparsity="coarse", keep=0.5, period=16, width=w).counted_advances
     aals[w] = sum(advances) / len(advances) if advances else float("nan")
 print("AAL measured on SmolLM2-135M (bf16, coarse, f = 0.5, K = 16):", aals)
+json.dump(aals, open(os.environ["GPU_CHECK_AALS"], "w"))      # for the compiled run below
 del small
 bench.bench_llama3_8b("cuda", torch.bfloat16, keep=0.5, period=16, widths=widths, aals=aals, reps=10,
                       sparsity="coarse", aal_source="SmolLM2-135M bf16, 6 questions, coarse, same w")
 EOF
+
+# The same with one-token steps and a chain's drafting graph-captured (torch.compile, reduce-overhead): the
+# launch overhead gone, as in the paper's setting. A step of its own: compiling may be slow or fail.
+read -r -d '' LLAMA3_8B_COMPILED <<'EOF'
+import json, os, torch, bench
+path = os.environ["GPU_CHECK_AALS"]
+aals = {int(w): a for w, a in json.load(open(path)).items()} if os.path.getsize(path) else {}
+bench.bench_llama3_8b("cuda", torch.bfloat16, keep=0.5, period=16, widths=(1,), aals=aals, reps=10,
+                      sparsity="coarse", aal_source="SmolLM2-135M bf16, 6 questions, coarse, same w",
+                      compile=True)
+EOF
+GPU_CHECK_AALS=$(mktemp) || exit 2
+export GPU_CHECK_AALS
+trap 'rm -f "$GPU_CHECK_AALS"' EXIT
 
 NAMES=() RESULTS=()
 step() {  # step NAME LIMIT_S COMMAND...: run under a time limit, log everything, record PASS/FAIL
@@ -85,10 +100,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run under a time limit, log everything
     NAMES+=("$name") RESULTS+=("$verdict")
 }
 
-step "CUDA tests" 210 "$PY" -m pytest -q -s tests/test_cuda.py
-step "demo" 45 "$PY" run.py --device cuda
-step "quick bench" 90 "$PY" run.py bench --device cuda --quick
-step "Llama-3-8B-shape bench" 125 "$PY" -c "$LLAMA3_8B"
+step "CUDA tests" 170 "$PY" -m pytest -q -s tests/test_cuda.py
+step "demo" 35 "$PY" run.py --device cuda
+step "quick bench" 65 "$PY" run.py bench --device cuda --quick
+step "Llama-3-8B-shape bench" 70 "$PY" -c "$LLAMA3_8B"
+step "Llama-3-8B-shape bench, compiled" 130 "$PY" -c "$LLAMA3_8B_COMPILED"
 
 log ""
 log "=== summary ($SECONDS s in all; figures above, in $OUT)"
