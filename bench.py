@@ -355,9 +355,9 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     prompt = torch.randint(cfg.vocab_size, (context,), device=dev, generator=g)
     pos, t0 = context, prompt[-1:]                        # the next token goes to slot `context`
     weights_gb = kernels.param_count(cfg) * model.lm_head.element_size() / 1e9
-    print(f"{cfg.num_hidden_layers} layers, h {cfg.hidden_size}, D {cfg.intermediate_size}, "
+    print(f"Random weights, {cfg.num_hidden_layers} layers, h {cfg.hidden_size}, D {cfg.intermediate_size}, "
           f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocabulary {cfg.vocab_size}: "
-          f"{weights_gb:.2f} GB of random weights in {dtype} on {dev}; {context}-token context, f = {keep}, "
+          f"{weights_gb:.2f} GB in {dtype} on {dev}; {context}-token context, f = {keep}, "
           f"K = {period}, {reps} timed runs (medians) after one untimed run"
           + ("; one-token steps and chain drafting graph-captured (torch.compile)" if compile else ""))
 
@@ -404,7 +404,7 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
                 continue
             proj_rows.append([w, f"{aal:.2f}/{period}", source, f"{t['period'] / aal * 1e3:.2f}",
                               f"{t['period'] / aal / dense:.3f}", f"{effective_density(d, period, aal):.3f}"])
-    print(f"\nSirius ({sparsity}, f = {keep}, K = {period}): a period's parts in ms, each pass with its tree "
+    print(f"\nA Sirius period's parts in ms ({sparsity}, f = {keep}, K = {period}), each pass with its tree "
           f"positions and mask; rest = period - root - (K-2)·draft - verify (choosing tokens, acceptance, "
           f"back-gather, read-back); ideal period = (K-1)·density + 1 dense steps")
     print_table(["w", "verify tokens", "root step", "draft step", "verify pass", "rest", "period",
