@@ -307,44 +307,167 @@ def decode_rows(model, prompt, n, args, rounds):
     return rows, {m: r.aal for m, r in last.items()}
 
 
+# --- Sirius at the Llama-3-8B shape, from measured parts ------------------------------------------
+
+# The paper's AAL (Llama-3-8B-Instruct, GSM8K, K = 16) by (sparsity, width): a projection uses it only for
+# the setting it was measured in.
+PAPER_AAL = {("coarse", 8): 15.22}
+
+
+def llama3_8b_config(**changes):
+    """Llama-3-8B's shape (its config.json), or a stand-in with some fields changed (fewer layers, say)."""
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=5e5,
+                 tie_word_embeddings=False, max_position_embeddings=8192)
+    return LlamaConfig(**{**shape, **changes})
+
+
+@torch.no_grad()
 def random_llama(cfg, device, dtype, max_seq_len=512, seed=0):
-    """A Llama with random weights (std 0.02) in model.py's layout: shapes we have no checkpoint of."""
-    g = torch.Generator().manual_seed(seed)
-    h, D, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim, \
-        cfg.num_key_value_heads * cfg.head_dim
-    r = lambda *shape: 0.02 * torch.randn(*shape, generator=g)  # noqa: E731
-    w = {"embed": r(cfg.vocab_size, h), "lm_head": r(h, cfg.vocab_size), "norm": torch.ones(h)}
-    for i in range(cfg.num_hidden_layers):
-        w.update({f"layers.{i}.{n}": t for n, t in dict(
-            attn_norm=torch.ones(h), mlp_norm=torch.ones(h), wqkv=r(h, q + 2 * kv), wo=r(q, h),
-            w_gate_up=r(h, 2 * D), w_down=r(D, h)).items()})
-    return Llama(cfg, {k: v.to(device, dtype) for k, v in w.items()}, max_seq_len)
+    """A Llama of a shape we have no checkpoint of, with random weights: allocated on `device` in `dtype` and
+    filled there in place by a seeded generator on that device (the 8B shape's 16 GB never pass through the
+    host). Matrices ~ N(0, 0.02), norm weights 1, biases 0."""
+    model = Llama(cfg, max_seq_len, device=device, dtype=dtype)
+    g = torch.Generator(device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            p.normal_(0.0, 0.02, generator=g)
+        else:
+            p.fill_(1.0 if name.endswith("norm") else 0.0)
+    model.make_up_rows()                   # the fine "gather" plan's copy, where that plan runs
+    return model
 
 
-def sirius_parts(m8, args, aals, reps):
-    """Sirius at the Llama-3-8B shape from measured parts: the sparse steps and the verification pass of one
-    period (per width), the rest of the period (acceptance, bookkeeping), and the ms/token they imply."""
-    dev, K, pos = m8.lm_head.device, args.period, 64
-    prompt = torch.arange(pos, device=dev)
-    one = lambda t, mlp=None: m8(torch.arange(t, device=dev), pos, mlp)  # noqa: E731  a t-token pass
-    dense = timer(lambda: one(1), reps, dev)
-    _, coarse = prefill(m8, prompt, "coarse", args.keep[0])
-    rows = []
-    for w in args.width:
-        sparse_1 = timer(lambda: one(1, coarse), reps, dev)
-        sparse_w = timer(lambda: one(w, coarse), reps, dev)
-        verify = timer(lambda: one(1 + (K - 1) * w), reps, dev)
-        t0 = torch.tensor(1, device=dev)
-        period = timer(lambda: sirius_period(m8, coarse, t0, pos, K, width=w, threshold=args.threshold,
-                                             strict=args.strict), reps, dev)
-        parts = sparse_1 + (K - 2) * sparse_w + verify
-        measured = aals.get(w, float("nan"))
-        for label, aal in ((f"AAL {measured:.2f} (measured)", measured), ("AAL 15.22 (paper)", 15.22)):
-            rest = (period - parts) * 1e3
-            rows.append([w, f"{sparse_w / dense:.2f}", f"{verify / dense:.2f}", f"{rest:.1f}",
-                         label, f"{period / aal * 1e3:.1f}", f"{dense * 1e3:.1f}",
-                         f"{period / aal / dense:.3f}"])
-    return rows
+def side_by_side_chains(period, width, device):
+    """Node depths (N,) and `sees` (N, N) of a tree of w chains under one root, N = 1 + (K-1)·w, numbered
+    as sirius_min numbers a tree (depth d holds nodes 1+(d-1)·w .. d·w). A pass's cost depends on its mask's
+    shape, not on which earlier nodes it marks, so this stands in for whatever tree the drafts grow."""
+    n = 1 + (period - 1) * width
+    depth = torch.tensor([0] + [d for d in range(1, period) for _ in range(width)])
+    sees = torch.eye(n, dtype=torch.bool)                   # every node sees itself
+    sees[1:1 + width, 0] = True                             # depth 1: children of the root
+    for node in range(1 + width, n):                        # deeper: the parent is the node w before
+        sees[node] |= sees[node - width]
+    return depth.to(device), sees.to(device)
+
+
+def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict, reps, chain_step=None):
+    """Seconds of one Sirius period and of its parts, each pass with the positions and mask the period gives
+    it (sirius_min.tree_view): the root's draft step (one token), a draft step over one depth (w tokens),
+    the verify pass (1 + (K-1)·w tokens) and a whole `sirius_period`. "rest" is the period minus root,
+    K-2 draft steps and the verify pass: choosing tokens, the acceptance rule, the back-gather, the
+    read-back. chain_step: a chain's one-token drafting pass (sirius_min.one_token_step), for w = 1."""
+    from sirius_min import tree_view     # (the lead may move this into the imports at the top)
+    dev = t0.device
+    depth, sees = side_by_side_chains(period, width, dev)
+    tokens = t0.view(1).repeat(len(depth))                  # the tokens do not change a pass's cost
+    chain_step = chain_step if width == 1 else None
+
+    def step(nodes, mlp):                                   # one pass over `nodes`, as sirius_period runs it
+        if chain_step is not None and mlp is not None:
+            return chain_step(tokens[nodes.start:nodes.stop], pos + nodes.start, mlp)
+        return model(tokens[nodes.start:nodes.stop], pos + nodes.start, mlp=mlp,
+                     **tree_view(sees, pos, nodes, depth, width))
+
+    middle = range(1 + (period // 2 - 1) * width, 1 + period // 2 * width)   # the nodes of one depth
+    drafting = {} if chain_step is None else {"step": chain_step}
+    t = dict(root=timer(lambda: step(range(0, 1), sparse_mlp), reps, dev),
+             draft=timer(lambda: step(middle, sparse_mlp), reps, dev),
+             verify=timer(lambda: step(range(0, len(depth)), None), reps, dev),
+             period=timer(lambda: sirius_period(model, sparse_mlp, t0.view(1), pos, period=period,
+                                                width=width, threshold=threshold, strict=strict, **drafting),
+                          reps, dev))
+    t["rest"] = t["period"] - (t["root"] + (period - 2) * t["draft"] + t["verify"])
+    return t
+
+
+def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, widths=(1, 4, 8), aals=None,
+                    reps=10, *, sparsity="coarse", cfg=None, context=512, threshold=0.1, strict=False,
+                    aal_source="passed in", compile=False):
+    """Decode steps and Sirius periods of a random-weight Llama of Llama-3-8B's shape (or `cfg`), after a
+    `context`-token prompt; every time a median of `reps` after one untimed run, waiting for the device.
+
+    Prints and returns: one-token steps (dense, coarse, fine at f = keep) beside their ideals; per width w,
+    the parts of a `sparsity` Sirius period (sirius_parts); and projected ms/token = period / AAL, where
+    `aals` {w: AAL} were measured elsewhere for the same w (`aal_source` says where) and the paper's AAL
+    appears only for the (sparsity, w, K = 16) it was measured at. Ideals: "density" is the paper's
+    accounting (kernels.density); "plan" the share of all weights this code's plan reads in a step.
+    compile: one-token steps (dense and coarse; fine left out to save a compilation) and a chain's drafting
+    run as sirius_min.one_token_step's torch.compile(mode="reduce-overhead") graph, after 3 untimed runs.
+    """
+    from sirius_min import one_token_step, prefill_and_sparse_mlp     # (the lead may move these to the top)
+    dev, cfg, aals = torch.device(device), cfg or llama3_8b_config(), aals or {}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model = random_llama(cfg, dev, dtype, max_seq_len=context + 1 + (period - 1) * max(widths))
+    g = torch.Generator(dev).manual_seed(1)
+    prompt = torch.randint(cfg.vocab_size, (context,), device=dev, generator=g)
+    pos, t0 = context, prompt[-1:]                        # the next token goes to slot `context`
+    weights_gb = kernels.param_count(cfg) * model.lm_head.element_size() / 1e9
+    print(f"Random weights, {cfg.num_hidden_layers} layers, h {cfg.hidden_size}, D {cfg.intermediate_size}, "
+          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocabulary {cfg.vocab_size}: "
+          f"{weights_gb:.2f} GB in {dtype} on {dev}; {context}-token context, f = {keep}, "
+          f"K = {period}, {reps} timed runs (medians) after one untimed run"
+          + ("; one-token steps and chain drafting graph-captured (torch.compile)" if compile else ""))
+
+    D, L, total = cfg.intermediate_size, cfg.num_hidden_layers, kernels.param_count(cfg)
+    k = kernels.n_kept(D, keep)
+    plans = {"dense": "dense", "coarse": "coarse",
+             "fine": kernels.fine_plan(torch.empty(1, cfg.hidden_size, device=dev, dtype=dtype), k, D)}
+    if compile:
+        del plans["fine"]
+    # the share of all weights a one-token step reads under each plan (only MLP weights are skipped)
+    reads = {s: 1 - L * 3 * cfg.hidden_size * D * (1 - kernels.mlp_bytes_ratio(keep, p)) / total
+             for s, p in plans.items()}
+    dens = {s: kernels.density(cfg, keep, s) for s in plans}
+    mlps = {"dense": None}
+    for s in ("coarse", "fine"):       # each prefill rewrites the same prompt slots with the same keys/values
+        if s in plans or s == sparsity:
+            mlps[s] = prefill_and_sparse_mlp(model, prompt, s, keep)[1]
+    step = one_token_step(model, compile, dev)    # the model itself, or its graph-captured one-token pass
+    if compile:
+        for s in plans:
+            for _ in range(3):                     # compile, then let the graph be recorded
+                step(t0, pos, mlps[s])
+    steps = {s: timer(lambda s=s: step(t0, pos, mlps[s]), reps, dev) for s in plans}
+    dense = steps["dense"]
+    name = {"dense": "dense", "coarse": "coarse", "fine": f"fine (plan {plans.get('fine')})"}
+    step_rows = [[name[s] + " (graph)" * compile, f"{steps[s] * 1e3:.2f}", f"{steps[s] / dense:.3f}",
+                  f"{dens[s]:.3f}", f"{reads[s]:.3f}"] for s in plans]
+    print_table(["one-token step", "ms", "/ dense", "ideal: density", "ideal: plan"], step_rows)
+
+    parts, proj_rows, part_rows = {}, [], []
+    d = dens[sparsity]
+    for w in widths:
+        t = parts[w] = sirius_parts(model, mlps[sparsity], t0, pos, period=period, width=w,
+                                    threshold=threshold, strict=strict, reps=reps,
+                                    chain_step=step if compile else None)
+        part_rows.append([w, 1 + (period - 1) * w] + [f"{t[p] * 1e3:.2f}" for p in
+                                                       ("root", "draft", "verify", "rest", "period")]
+                         + [f"{t['draft'] / dense:.2f}", f"{t['verify'] / dense:.2f}",
+                            f"{t['period'] / dense:.2f}", f"{(period - 1) * d + 1:.2f}"])
+        paper = PAPER_AAL.get((sparsity, w)) if period == 16 else None
+        for aal, source in ((aals.get(w), aal_source),
+                            (paper, f"paper: Llama-3-8B-Instruct, GSM8K, {sparsity}, w = {w}")):
+            if aal is None or math.isnan(aal):
+                continue
+            proj_rows.append([w, f"{aal:.2f}/{period}", source, f"{t['period'] / aal * 1e3:.2f}",
+                              f"{t['period'] / aal / dense:.3f}", f"{effective_density(d, period, aal):.3f}"])
+    print(f"\nA Sirius period's parts in ms ({sparsity}, f = {keep}, K = {period}), each pass with its tree "
+          f"positions and mask; rest = period - root - (K-2)·draft - verify (choosing tokens, acceptance, "
+          f"back-gather, read-back); ideal period = (K-1)·density + 1 dense steps")
+    print_table(["w", "verify tokens", "root step", "draft step", "verify pass", "rest", "period",
+                 "draft / dense", "verify / dense", "period / dense", "ideal period"], part_rows)
+    print(f"\nprojected ms/token = period / AAL, the AAL measured for the same w; ideal = effective density "
+          f"((K-1)·density + 1) / AAL; dense step {dense * 1e3:.2f} ms")
+    if proj_rows:
+        print_table(["w", "AAL", "AAL measured on", "ms/token", "/ dense", "ideal"], proj_rows)
+    else:
+        print("(no AAL measured for these widths: no projection)")
+    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+    if peak is not None:
+        print(f"peak memory allocated: {peak:.2f} GiB (weights {weights_gb / 1.073741824:.2f} GiB)")
+    return dict(steps=steps, plans=plans, density=dens, reads=reads, parts=parts, peak_gib=peak)
 
 
 def bench(args):
@@ -385,19 +508,21 @@ def bench(args):
             print_table(["f", "gather ms", "mask ms", "gather / mask", "plan taken"],
                         [[r["f"], f"{r['gather']:.3f}", f"{r['mask']:.3f}", f"{r['gather'] / r['mask']:.3f}",
                           r["plan"]] for r in rows])
-    big = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32,
-                      num_key_value_heads=8, head_dim=128, vocab_size=128256 // 32, rope_theta=5e5,
-                      tie_word_embeddings=False)
+    # 3. Llama-3-8B's shape where the device holds it; else one of its layers (a CPU); --quick: a stand-in
+    full, dev = llama3_8b_config(), torch.device(args.device)
+    need = 1.5 * kernels.param_count(full) * torch.finfo(dtype).bits / 8   # weights, coarse slices, cache
     if args.quick:
-        big = LlamaConfig(hidden_size=256, intermediate_size=896, num_hidden_layers=1, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=128, vocab_size=4008, tie_word_embeddings=False)
-    print(f"\n3. Sirius's period from measured parts, a Llama-3-8B-shaped decoder (h {big.hidden_size}, "
-          f"D {big.intermediate_size}), 1 layer, random weights, vocabulary / 32 (so embeddings weigh what\n"
-          f"they do per layer in the 8B model), coarse f = {f}, K = {args.period}; "
-          f"projected ms/token = period / AAL")
-    m8 = random_llama(big, args.device, dtype)
+        shape = llama3_8b_config(hidden_size=256, intermediate_size=896, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=4008)
+        what = "a small stand-in decoder (--quick: h 256, D 896, 1 layer), not Llama-3-8B's shape"
+    elif dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] > need:
+        shape, what = full, "Llama-3-8B's shape (32 layers, vocabulary 128256)"
+    else:
+        shape = llama3_8b_config(num_hidden_layers=1, vocab_size=128256 // 32)
+        what = ("one layer of Llama-3-8B's shape, vocabulary / 32 (so embeddings weigh per layer what they "
+                "do in the 8B model)")
+    print(f"\n3. Sirius's period from measured parts: {what}, random weights")
     aal = {int(m.split("w=")[1]): a for m, a in aals.items() if m.startswith("Sirius coarse")}
-    print_table(["w", "sparse step (dense steps)", "verify pass (dense steps)", "rest of period (ms)", "at",
-                 "projected ms/token", "dense ms/token", "ratio"], sirius_parts(m8, args, aal, reps))
-    print("A GPU runs a w-wide sparse step and the verify pass in about one dense step each (memory-bound); "
-          "this CPU is compute-bound there.")
+    bench_llama3_8b(args.device, dtype, f, args.period, args.width, aal, reps, sparsity="coarse", cfg=shape,
+                    context=64 if args.quick else 512, threshold=args.threshold, strict=args.strict,
+                    aal_source=f"{Path(args.model).name}, section 1 (coarse, same w)")
