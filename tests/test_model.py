@@ -4,15 +4,19 @@ CheckpointError.
 
 Logit comparisons are relative to the logits' scale (conftest.rel_err); fp32 gives ~1e-7 here.
 """
+import copy
 import json
+import math
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_CONFIG, encode_chat, rel_err, write_checkpoint
-from model import CheckpointError, LlamaConfig, load_model, read_config
+from torch.nn.attention.bias import causal_lower_right
+
+from conftest import TINY_CONFIG, encode_chat, rel_err, twin, write_checkpoint
+from model import CheckpointError, Llama, LlamaConfig, grouped_attention, load_model, read_config, rope_tables
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -124,6 +128,136 @@ def test_smollm_knows_paris(smollm):
         out.append(int(logits.argmax()))
         logits = model(torch.tensor(out[-1:]), pos)[-1]
     assert "Paris" in tok.decode(out)
+
+
+# --- attention layouts, the static-shape path, no host synchronisation ------------------------------------
+
+def reference_attention(q, k, v, mask):
+    """Attention as written in a textbook: each KV head repeated for its query heads, explicit softmax."""
+    g = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(g, dim=0), v.repeat_interleave(g, dim=0)           # (H, S, hd)
+    scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])                       # (H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v                                              # (H, T, hd)
+
+
+@pytest.mark.parametrize("case", ["chain", "tree", "one token", "whole cache"])
+def test_grouped_attention_matches_reference(case):
+    """The folded layout (a KV head's query heads along the query length) and the chain's CausalBias path
+    compute the same attention as the textbook, fp32 on CPU."""
+    g = torch.Generator().manual_seed(4)
+    H, n_kv, hd, S = 6, 2, 16, 24
+    T = 1 if case == "one token" else 5
+    q, k, v = (torch.randn(n, L, hd, generator=g) for n, L in ((H, T), (n_kv, S), (n_kv, S)))
+    causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)                       # token t sees slots <= S-T+t
+    if case == "tree":
+        mask = causal & (torch.rand(T, S, generator=g) < 0.6)
+        mask[torch.arange(T), S - T + torch.arange(T)] = True                     # each sees its own slot
+    elif case == "whole cache":                                                    # the static path: slots
+        mask = causal.clone()                                                      # past the pass hidden
+        mask[:, S - T - 3:S - T] = False
+    else:
+        mask = None if T == 1 else causal
+    given = causal_lower_right(T, S) if case == "chain" else mask
+    assert rel_err(grouped_attention(q, k, v, given), reference_attention(q, k, v, mask)) <= 1e-6
+
+
+def tree_inputs(pos, generator):
+    """A tree pass of 5 nodes after pos verified slots: node depths, and a mask of the prefix plus
+    ancestors (node 0 the root, 1 and 2 its children, 3 a child of 1, 4 a child of 2)."""
+    parent = [None, 0, 0, 1, 2]
+    anc = torch.eye(5, dtype=torch.bool)
+    for j in range(1, 5):
+        anc[j] |= anc[parent[j]]
+    depth = anc.sum(1) - 1
+    tokens = torch.randint(0, TINY_CONFIG["vocab_size"], (5,), generator=generator)
+    return tokens, pos + depth, torch.cat([torch.ones(5, pos, dtype=torch.bool), anc], dim=1)
+
+
+def test_static_path_equals_int_path(tiny):
+    """start_pos as a 0-dim tensor (whole cache, masked, index_copy_) gives the int path's logits and cache:
+    a prefill, one-token steps, a tree pass, and a prefill's last logits only."""
+    g = torch.Generator().manual_seed(5)
+    static, prompt = twin(tiny), torch.randint(0, 100, (12,), generator=g)
+    pos = lambda p: torch.tensor(p)  # noqa: E731
+    assert rel_err(static(prompt, pos(0)), tiny(prompt, 0)) <= 1e-5
+    for p in range(12, 15):
+        t = torch.randint(0, 100, (1,), generator=g)
+        assert rel_err(static(t, pos(p)), tiny(t, p)) <= 1e-5
+    tokens, positions, mask = tree_inputs(15, g)
+    want = tiny(tokens, 15, positions=positions, mask=mask)
+    assert rel_err(static(tokens, pos(15), positions=positions, mask=mask), want) <= 1e-5
+    assert rel_err(static.cache_k[:, :, :20], tiny.cache_k[:, :, :20]) <= 1e-5     # layer 0's are equal,
+    assert rel_err(static.cache_v[:, :, :20], tiny.cache_v[:, :, :20]) <= 1e-5     # later ones to rounding
+    assert rel_err(static(prompt, pos(0), last_only=True), tiny(prompt, 0)[-1:]) <= 1e-5
+
+
+SYNCING = ["item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero"]
+
+
+def test_forward_never_reads_back_to_the_host(tiny, monkeypatch):
+    """No .item(), .tolist(), bool/int/index of a tensor, nonzero or torch.tensor(...) inside forward, on
+    either path: each would stall a GPU queue (and break graph capture). Counted by patching torch."""
+    calls = []
+
+    def counting(name, original):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        return wrapper
+
+    g = torch.Generator().manual_seed(6)
+    prompt, step = torch.randint(0, 100, (8,), generator=g), torch.randint(0, 100, (1,), generator=g)
+    tokens, positions, mask = tree_inputs(9, g)
+    as_sparse = lambda i, x: tiny.layers[i].mlp(x)  # noqa: E731   (an MLP passed in, as a sparse one is)
+    p0, p8, p9 = torch.tensor(0), torch.tensor(8), torch.tensor(9)
+    for name in SYNCING:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "tensor", counting("torch.tensor", torch.tensor))
+    for start_pos, step_pos, tree_pos in ((0, 8, 9), (p0, p8, p9)):                  # int path, static path
+        tiny(prompt, start_pos)
+        tiny(prompt, start_pos, last_only=True)
+        tiny(step, step_pos, as_sparse)
+        tiny(tokens, tree_pos, positions=positions, mask=mask)
+    monkeypatch.undo()
+    assert calls == []
+
+
+def test_last_only_is_the_last_row(tiny):
+    """A prefill that asks for the last logits only gets exactly the last row of the full logits."""
+    prompt = random_tokens(9, seed=7)
+    last = tiny(prompt, 0, last_only=True)
+    assert last.shape == (1, TINY_CONFIG["vocab_size"]) and rel_err(last, tiny(prompt, 0)[-1:]) <= 1e-6
+
+
+# --- the nn.Module ---------------------------------------------------------------------------------
+
+def test_module_holds_the_checkpoint(tmp_path):
+    """parameters() is the checkpoint's every number, once; state_dict names the weights, not the cache;
+    load_state_dict into a freshly allocated Llama gives the same model (and remakes up_rows)."""
+    write_checkpoint(tmp_path, TINY_CONFIG)
+    model = load_model(tmp_path, max_seq_len=16)
+    assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in hf_tensors(tmp_path).values())
+    per_layer = ["attn_norm", "mlp_norm", "wqkv", "wo", "w_gate_up", "w_down"]
+    assert set(model.state_dict()) == {"embed", "norm", "lm_head"} | {
+        f"layers.{i}.{n}" for i in range(TINY_CONFIG["num_hidden_layers"]) for n in per_layer}
+    assert all(not p.requires_grad for p in model.parameters())
+    fresh = Llama(model.cfg, 16)
+    fresh.load_state_dict(model.state_dict())
+    tokens = random_tokens(10, seed=8)
+    assert torch.equal(fresh(tokens, 0), model(tokens, 0))
+    assert all(torch.equal(a.up_rows, b.up_rows) for a, b in zip(fresh.layers, model.layers))
+
+
+def test_to_another_dtype(tiny):
+    """.to(float64) moves weights, cache and RoPE tables together: the same logits, to fp32's precision."""
+    tokens = random_tokens(10, seed=9)
+    want, wide = tiny(tokens, 0).double(), copy.deepcopy(tiny).to(torch.float64)
+    assert wide.cache_k.dtype == wide.layers[0].wqkv.dtype == wide.cos.dtype == torch.float64
+    assert tiny.cache_k.dtype == tiny.layers[0].wqkv.dtype == torch.float32          # a copy was moved
+    got = wide(tokens, 0)
+    assert got.dtype == torch.float64 and rel_err(got, want) <= 1e-5
 
 
 # --- the loaded layout -------------------------------------------------------------------------------
