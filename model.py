@@ -1,22 +1,20 @@
 """A small Llama decoder in plain PyTorch (batch size 1) with a preallocated KV cache, and its loader.
 
-Loads Hugging Face `LlamaForCausalLM` folders (config.json + safetensors) without `transformers`: what of
-their config is implemented, refused or harmless is listed in one place (CONFIG FIELDS, below). A forward
+Loads Hugging Face `LlamaForCausalLM` folders (config.json + safetensors) without `transformers`. A forward
 pass takes a 1-D tensor of T token ids and returns (T, vocab) logits. The MLP is a seam: `forward(...,
 mlp=fn)` swaps in another MLP (a sparse one) for that pass while attention stays as it is.
 
-Slots and positions. The cache has `max_seq_len` slots; a slot holds one token's keys and values (every
-layer). A pass writes its T tokens into slots start_pos .. start_pos+T-1 and attends to the slots below
-start_pos+T. By default a token's RoPE position is its slot, so "rolling back" is calling forward again from
-an earlier start_pos: nothing is copied or cropped, later slots are ignored and then overwritten. A Sirius
-tree is where slot and position part: its nodes take consecutive scratch slots, each node's position is
-pos + its depth, and a mask says which slots (the prefix and its ancestors) it sees; `move_kv` then copies
-the chosen path's keys and values back to the slots of their positions.
+Slots and positions. The cache has `max_seq_len` slots; a slot holds one token's keys and values. A pass
+writes its T tokens to slots start_pos .. start_pos+T-1 and attends to the slots below start_pos+T. By
+default a token's RoPE position is its slot, so rolling back is calling forward again from an earlier
+start_pos: nothing is copied or cropped. A Sirius tree is where they part: its nodes take scratch slots in a
+row, a node's position is pos + its depth, a mask says which slots it sees (the prefix and its ancestors),
+and `move_kv` copies the chosen path's keys and values back to the slots of their positions.
 
-One weight layout: every matrix is stored (in, out) and applied as `x @ W` (HF's (out, in) is transposed at
-load). A decode step multiplies one vector by each matrix, and matrix-vector products stream long rows
-fastest, so q/k/v are fused into one (h, q+2kv) matrix, gate and up into one (h, 2D), and the lm_head is
-(h, vocab); a tied embedding is read from the lm_head's columns (held once).
+One layout: every matrix is stored (in, out) and applied as `x @ W` (HF's (out, in) transposed at load).
+A decode step multiplies one vector by each matrix, which streams long rows fastest, so q/k/v are fused into
+one (h, q+2kv) matrix, gate and up into one (h, 2D), and the lm_head is (h, vocab); a tied embedding is read
+from the lm_head's columns (held once).
 """
 import json
 import math
@@ -31,25 +29,24 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
 class CheckpointError(Exception):
-    """A model folder that cannot be used (missing, malformed, inconsistent or unsupported): the user's to fix."""
+    """A model folder that cannot be used (missing, malformed, inconsistent, unsupported): for the user."""
 
 
-# CONFIG FIELDS: what load_model does with each field of transformers' LlamaConfig that could change the logits.
-#   implemented  hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
-#                head_dim, vocab_size, rms_norm_eps, tie_word_embeddings, attention_bias, mlp_bias, rope_theta,
-#                and rope_parameters (transformers >= 5) / rope_scaling (older) of a type in ROPE_TYPES
-#   refused      any other RoPE type (dynamic, yarn, longrope, su, ...), and a value of a field in ONLY other
-#                than the ones listed there: a CheckpointError naming the field and the value
-#   harmless     attention_dropout (training only), initializer_range, use_cache, pad/bos/eos_token_id,
-#                max_position_embeddings (the trained context, kept for reference), torch_dtype / dtype (the
-#                weights load into the dtype asked for)
+# What load_model does with each field of transformers' LlamaConfig that could change the logits:
+#  implemented: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+#    head_dim, vocab_size, rms_norm_eps, tie_word_embeddings, attention_bias, mlp_bias, rope_theta, and
+#    rope_parameters (transformers >= 5) or rope_scaling (older) of a type in ROPE_TYPES.
+#  refused (CheckpointError naming field and value): other RoPE types (dynamic, yarn, longrope, su, ...),
+#    and a field of ONLY with a value not listed there.
+#  harmless: attention_dropout (training only), initializer_range, use_cache, pad/bos/eos_token_id,
+#    max_position_embeddings (the trained context), torch_dtype/dtype (weights load into the dtype asked).
 ROPE_TYPES = ("default", "linear", "llama3")
+RESCALE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                   "original_max_position_embeddings")}
 ONLY = {"hidden_act": ("silu", "swish"),       # the MLP is SwiGLU (transformers' "swish" is the same SiLU)
         "pretraining_tp": (1,),                 # > 1: transformers computes each product in slices
-        "partial_rotary_factor": (1, 1.0),      # RoPE on only part of each head
+        "partial_rotary_factor": (1,),          # RoPE on part of each head only
         "quantization_config": ()}              # any: quantized checkpoints are not supported
-RESCALE_KEYS = {"linear": ("factor",),
-                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass
@@ -65,8 +62,8 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 100000.0
     rope_scaling: dict | None = None     # None, or {"rope_type": "linear" or "llama3", its RESCALE_KEYS}
-    attention_bias: bool = False         # the q, k, v and o projections have biases
-    mlp_bias: bool = False               # the gate, up and down projections have biases
+    attention_bias: bool = False         # q, k, v and o projections have biases
+    mlp_bias: bool = False               # gate, up and down projections have biases
     tie_word_embeddings: bool = True     # lm_head shares the embedding matrix
     max_position_embeddings: int = 8192  # the context the model was trained for
     eos_token_id: list = field(default_factory=lambda: [2])
@@ -84,8 +81,8 @@ class LlamaConfig:
                     f"only {' or '.join(map(repr, allowed))} is implemented"
                 raise CheckpointError(f"{name} {hf[name]!r}: {why}")
 
-        def num(name, default=None, kind=int, value=None):
-            v = value if value is not None else hf.get(name) if hf.get(name) is not None else default
+        def num(name, default=None, kind=int, given=None):
+            v = given if given is not None else hf.get(name) if hf.get(name) is not None else default
             if v is None:
                 raise CheckpointError(f"lacks {name!r}")
             if isinstance(v, bool) or not isinstance(v, kind) or not (math.isfinite(v) and v > 0):
@@ -116,47 +113,42 @@ class LlamaConfig:
         if n_heads % cfg.num_key_value_heads:
             raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
         if cfg.head_dim % 2:
-            raise CheckpointError(f"head_dim must be even (RoPE rotates pairs), got {cfg.head_dim}")
+            raise CheckpointError(f"head_dim must be even (RoPE turns pairs), got {cfg.head_dim}")
         return cfg
 
 
 def rope_fields(hf):
-    """(rope_theta or None, normalised scaling or None) from whichever of rope_parameters (transformers >= 5,
-    which may hold rope_theta too) and rope_theta / rope_scaling (older) the config has; both must agree."""
-    found = {}
-    for name in ("rope_parameters", "rope_scaling"):
-        if hf.get(name) is not None:
-            if not isinstance(hf[name], dict):
-                raise CheckpointError(f"{name} must be an object, got {hf[name]!r}")
-            d = {k: v for k, v in hf[name].items() if k not in ("rope_theta", "type")}
-            d["rope_type"] = hf[name].get("rope_type", hf[name].get("type", "default"))
-            found[name] = d
-    if len(found) == 2 and found["rope_parameters"] != found["rope_scaling"]:
-        raise CheckpointError(f"rope_parameters {hf['rope_parameters']} and rope_scaling {hf['rope_scaling']} "
-                              "disagree")
-    thetas = {t for t in (hf.get("rope_theta"), (hf.get("rope_parameters") or {}).get("rope_theta")) if t}
-    if len(thetas) > 1:
-        raise CheckpointError(f"rope_theta and rope_parameters' rope_theta disagree: {sorted(thetas)}")
-    scaling = next(iter(found.values()), {"rope_type": "default"})
-    kind = scaling["rope_type"]
+    """rope_theta (None if absent) and the RoPE rescaling (None for "default"), from rope_parameters
+    (transformers >= 5, may hold rope_theta) or rope_theta / rope_scaling (older); the same if both."""
+    given = {n: hf[n] for n in ("rope_parameters", "rope_scaling") if hf.get(n) is not None}
+    if not all(isinstance(d, dict) for d in given.values()):
+        raise CheckpointError(f"rope_parameters and rope_scaling must be objects, got {given}")
+    kinds = [{**{k: v for k, v in d.items() if k not in ("rope_theta", "type")},
+              "rope_type": d.get("rope_type", d.get("type", "default"))} for d in given.values()]
+    if len(kinds) == 2 and kinds[0] != kinds[1]:
+        raise CheckpointError(f"rope_parameters and rope_scaling disagree: {given}")
+    theta, inner = hf.get("rope_theta"), given.get("rope_parameters", {}).get("rope_theta")
+    if theta is not None and inner is not None and theta != inner:
+        raise CheckpointError(f"rope_theta {theta!r} and rope_parameters' rope_theta {inner!r} disagree")
+    s = kinds[0] if kinds else {"rope_type": "default"}
+    kind, keys = s["rope_type"], RESCALE_KEYS.get(s["rope_type"], ())
     if kind not in ROPE_TYPES:
-        raise CheckpointError(f"rope type {kind!r} is not supported (only {', '.join(ROPE_TYPES)})")
-    if scaling.get("partial_rotary_factor", 1) not in ONLY["partial_rotary_factor"]:
-        raise CheckpointError(f"partial_rotary_factor {scaling['partial_rotary_factor']!r}: only 1 is implemented")
-    keys = RESCALE_KEYS.get(kind, ())
-    if not all(type(scaling.get(k)) in (int, float) and scaling[k] > 0 for k in keys):
-        raise CheckpointError(f"rope type {kind} needs positive {', '.join(keys)}, got {scaling}")
-    return (thetas.pop() if thetas else None), ({"rope_type": kind, **{k: scaling[k] for k in keys}}
-                                                if keys else None)
+        raise CheckpointError(f"rope_type {kind!r} is not supported (only {', '.join(ROPE_TYPES)})")
+    if s.get("partial_rotary_factor", 1) != 1:
+        raise CheckpointError(f"partial_rotary_factor {s['partial_rotary_factor']!r}: only 1 is implemented")
+    if not all(type(s.get(k)) in (int, float) and s[k] > 0 for k in keys):
+        raise CheckpointError(f"rope_type {kind} needs positive {', '.join(keys)}, got {s}")
+    scaling = {"rope_type": kind, **{k: s[k] for k in keys}} if keys else None
+    return (inner if theta is None else theta), scaling
 
 
 def rope_tables(cfg: LlamaConfig, max_len: int):
-    """cos/sin tables (max_len, head_dim) for HF's rotate-half RoPE, rescaled as the config asks."""
+    """cos/sin tables (max_len, head_dim), a row per position, for HF's rotate-half RoPE, rescaled."""
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).double() / cfg.head_dim)
     s = cfg.rope_scaling or {"rope_type": "default"}
-    if s["rope_type"] == "linear":      # every wavelength stretched by `factor`: positions / factor
+    if s["rope_type"] == "linear":      # every wavelength stretched by `factor`: position p turns as p/factor
         inv_freq = inv_freq / s["factor"]
-    if s["rope_type"] == "llama3":      # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a ramp
+    if s["rope_type"] == "llama3":      # Llama 3.1: long wavelengths slowed by `factor`, short kept, a ramp
         wavelen, old = 2 * math.pi / inv_freq, s["original_max_position_embeddings"]
         lo, hi = s["low_freq_factor"], s["high_freq_factor"]
         ramp = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
@@ -179,26 +171,25 @@ def rms_norm(x, weight, eps):
 
 
 def linear(x, w, b=None):
-    """x @ w (+ b where the layer has a bias): the one (in, out) layout."""
+    """x @ w, plus b where the layer has a bias: the one (in, out) layout."""
     return x @ w if b is None else torch.addmm(b, x, w)
 
 
 def grouped_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(hd), masked) v, each group of g = H / Hkv query heads sharing one key/value head.
+    """softmax(q k^T / sqrt(hd)) v over the slots `mask` allows, each key/value head shared by g query heads.
 
     q (H, T, hd); k, v (Hkv, S, hd); mask None (every slot), a CausalBias (a chain) or bool (T, S).
-    A chain keeps SDPA's own grouped heads and lower-right causal mask, which its flash kernel takes. Any other
-    call folds each key/value head's g query heads into the query-length dimension, (Hkv, g*T, hd), and repeats
-    the mask per head of the group: plain masked attention with as many heads as keys, which SDPA's
-    memory-efficient kernel takes (a bool mask with enable_gqa=True leaves only its math kernel, which copies
-    K/V per query head). The same numbers either way.
+    A chain keeps SDPA's own grouped heads (enable_gqa) and lower-right causal mask, which flash takes. Any
+    other call folds each KV head's g query heads into the query length, (Hkv, g*T, hd), and repeats the mask
+    per head: plain masked attention that SDPA's memory-efficient kernel takes (a bool mask with enable_gqa
+    would leave only the math kernel, which copies K/V per query head). The same numbers either way.
     """
     if isinstance(mask, CausalBias):
         return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
-    (H, T, hd), n_kv = q.shape, k.shape[0]
-    folded = q.reshape(n_kv, H // n_kv * T, hd)             # row j*T + t: query head kv*g + j, token t
+    (H, T, hd), g = q.shape, q.shape[0] // k.shape[0]
+    folded = q.reshape(-1, g * T, hd)                       # row j*T + t: query head kv*g + j at token t
     if mask is not None:
-        mask = mask.repeat(H // n_kv, 1)                    # (g*T, S): every head of a group sees the same
+        mask = mask.repeat(g, 1)                            # (g*T, S): the group's heads see the same slots
     out = F.scaled_dot_product_attention(folded[None], k[None], v[None], attn_mask=mask)[0]  # (Hkv, g*T, hd)
     return out.view(H, T, hd)
 
@@ -209,31 +200,29 @@ def weight(*shape, device=None, dtype=None):
 
 
 class Block(nn.Module):
-    """One decoder layer's weights in the (in, out) layout; the MLP's are what kernels.py's sparse MLPs read.
+    """One decoder layer's weights, (in, out); the MLP's are what kernels.py's sparse MLPs read.
 
-    attn_norm, mlp_norm (h,)             RMSNorm weights before attention and before the MLP
-    wqkv (h, q+2kv), bqkv (q+2kv,)       q, k and v projections side by side (q = heads*hd, kv = kv_heads*hd)
-    wo (q, h), bo (h,)                   attention output projection
-    w_gate_up (h, 2D), b_gate_up (2D,)   [W_gate^T | W_up^T]: gate and up read in one product
-    w_down (D, h), b_down (h,)           W_down^T: row n is neuron n's contribution to the output
-    up_rows (D, h)                       W_up neuron-major (row n: neuron n's up weights), a copy that
-        `Llama.make_up_rows` makes where kernels.py's fine "gather" plan reads single neurons' rows (CPU,
-        float32/float64), None elsewhere; derived, so not in the state_dict.
+    attn_norm, mlp_norm (h,)            RMSNorm weights before attention and before the MLP
+    wqkv (h, q+2kv), bqkv (q+2kv,)      [W_q^T | W_k^T | W_v^T] (q = heads * hd, kv = kv_heads * hd)
+    wo (q, h), bo (h,)                  attention output projection
+    w_gate_up (h, 2D), b_gate_up (2D,)  [W_gate^T | W_up^T]: gate and up read in one product
+    w_down (D, h), b_down (h,)          W_down^T: row n is neuron n's contribution to the output
+    up_rows (D, h)                      W_up, row n = neuron n's up weights: a copy made where kernels.py's
+        fine "gather" plan reads single neurons' rows (CPU, float32/64; see `Llama.make_up_rows`), else None.
     A bias is None where the config has none (attention_bias, mlp_bias).
     """
 
     def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
         super().__init__()
-        h, D, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-        qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd
-        w = dict(device=device, dtype=dtype)
+        h, D, w = cfg.hidden_size, cfg.intermediate_size, dict(device=device, dtype=dtype)
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        attn_bias, mlp_bias = cfg.attention_bias, cfg.mlp_bias
         self.attn_norm, self.mlp_norm = weight(h, **w), weight(h, **w)
-        self.wqkv, self.bqkv = weight(h, qkv, **w), weight(qkv, **w) if cfg.attention_bias else None
-        self.wo, self.bo = weight(qkv - 2 * cfg.num_key_value_heads * hd, h, **w), \
-            weight(h, **w) if cfg.attention_bias else None
-        self.w_gate_up, self.b_gate_up = weight(h, 2 * D, **w), weight(2 * D, **w) if cfg.mlp_bias else None
-        self.w_down, self.b_down = weight(D, h, **w), weight(h, **w) if cfg.mlp_bias else None
-        self.register_buffer("up_rows", None, persistent=False)
+        self.wqkv, self.bqkv = weight(h, q + 2 * kv, **w), weight(q + 2 * kv, **w) if attn_bias else None
+        self.wo, self.bo = weight(q, h, **w), weight(h, **w) if attn_bias else None
+        self.w_gate_up, self.b_gate_up = weight(h, 2 * D, **w), weight(2 * D, **w) if mlp_bias else None
+        self.w_down, self.b_down = weight(D, h, **w), weight(h, **w) if mlp_bias else None
+        self.register_buffer("up_rows", None, persistent=False)     # derived: not in the state_dict
 
     def mlp(self, x):
         """The layer's own dense SwiGLU MLP, (T, h) -> (T, h): down(silu(gate(x)) * up(x))."""
@@ -252,21 +241,18 @@ class Llama(nn.Module):
         self.embed = None if cfg.tie_word_embeddings else weight(V, h, **w)   # (vocab, h); tied: lm_head's
         self.layers = nn.ModuleList(Block(cfg, **w) for _ in range(cfg.num_hidden_layers))
         self.norm, self.lm_head = weight(h, **w), weight(h, V, **w)          # (h,), (h, vocab)
-        cos, sin = rope_tables(cfg, max_seq_len)                              # (max_seq_len, hd): one per slot
+        cos, sin = rope_tables(cfg, max_seq_len)                              # (max_seq_len, hd)
         self.register_buffer("cos", cos.to(**w), persistent=False)
         self.register_buffer("sin", sin.to(**w), persistent=False)
-        # The KV cache, one slot per token, shared by every pass (dense, sparse, verification, tree).
+        # The KV cache (layers, kv_heads, slots, hd), shared by every pass: dense, sparse, verification, tree.
         kv = (cfg.num_hidden_layers, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
         self.register_buffer("cache_k", torch.zeros(kv, **w), persistent=False)
         self.register_buffer("cache_v", torch.zeros(kv, **w), persistent=False)
         self.register_load_state_dict_post_hook(lambda model, _: model.make_up_rows())
 
     def make_up_rows(self):
-        """Give each layer `up_rows` where the fine "gather" plan uses it (CPU, float32/float64), else None.
-
-        Done by load_model and after load_state_dict (it is derived from w_gate_up). `.to()` carries a copy
-        along, still correct; call this after moving the model to free it where it is not used.
-        """
+        """Each layer's `up_rows` where the fine "gather" plan reads it (CPU, float32/64), else None: after
+        load_model and load_state_dict. `.to()` carries a copy along, still right; call this to drop it."""
         for layer in self.layers:
             w, D = layer.w_gate_up, self.cfg.intermediate_size
             used = w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
@@ -281,19 +267,19 @@ class Llama(nn.Module):
 
         Writes those slots' keys and values and attends to the slots below start_pos+T. `mlp(i, x)` replaces
         layer i's MLP for this pass. A tree passes `positions` (T,), each token's RoPE position (default: its
-        slot), and `mask` (T, start_pos+T) bool, which slots each token sees (default: causal, every slot up
-        to its own). last_only: the last token's logits only, (1, vocab): all a prefill needs.
+        slot), and `mask` (T, start_pos+T) bool, the slots each token sees (default: causal, every slot up to
+        its own). last_only: the last token's logits only, (1, vocab), all a prefill needs.
 
-        start_pos an int: attention reads exactly the slots below start_pos+T. start_pos a 0-dim long tensor
-        on the device: the static-shape path for graph capture (torch.compile). Keys and values are written
-        with index_copy_, every pass reads all max_seq_len slots and a mask hides the ones it must not see
-        (there `mask` may be (T, n) for any n <= max_seq_len; slots from n on are hidden), so no shape
-        depends on the position. Neither path reads a value back to the host.
+        start_pos an int: attention reads the slots below start_pos+T. start_pos a 0-dim long tensor on the
+        device: the static-shape path for graph capture (torch.compile): keys and values are written with
+        index_copy_ and every pass reads all max_seq_len slots behind a mask (a given `mask` may be (T, n) for
+        any n <= max_seq_len, slots from n on hidden), so no shape depends on the position. Neither path reads
+        a value back to the host.
         """
         T, S, eps = tokens.shape[0], self.max_seq_len, self.cfg.rms_norm_eps
         if isinstance(start_pos, torch.Tensor):
             slots = start_pos + torch.arange(T, device=tokens.device)          # (T,) where this pass writes
-            if mask is None:      # causal in slot order; the slots beyond are unwritten (or stale): hidden
+            if mask is None:     # causal in slot order; later slots are unwritten (or stale): hidden
                 mask = torch.arange(S, device=tokens.device) <= slots[:, None]              # (T, S)
             else:
                 mask = F.pad(mask, (0, S - mask.shape[1]))                                   # (T, S)
@@ -302,7 +288,7 @@ class Llama(nn.Module):
             seen, slots = start_pos + T, slice(start_pos, start_pos + T)
             if seen > S:
                 raise ValueError(f"slot {seen} is beyond the cache ({S}): load with more")
-            if mask is None and T > 1:   # a chain: causal from the last slot back, which flash kernels take
+            if mask is None and T > 1:   # a chain: causal from the last slot back
                 mask = causal_lower_right(T, seen)
         at = slots if positions is None else positions
         cos, sin = self.cos[at], self.sin[at]                                   # (T, hd)
@@ -316,16 +302,16 @@ class Llama(nn.Module):
         return rms_norm(x, self.norm, eps) @ self.lm_head                       # (T, vocab)
 
     def attention(self, i, x, cos, sin, slots, seen, mask):
-        """Layer i's attention on x (T, h): write this pass's keys/values to `slots`, attend to slots < seen."""
-        layer, T, hd = self.layers[i], x.shape[0], self.cfg.head_dim
-        n_q, n_kv = self.cfg.num_attention_heads, self.cfg.num_key_value_heads
+        """Layer i's attention on x (T, h): write this pass's keys/values to `slots`, read slots < seen."""
+        layer, T, hd, n_q = self.layers[i], x.shape[0], self.cfg.head_dim, self.cfg.num_attention_heads
+        n_qk = n_q + self.cfg.num_key_value_heads
         qkv = linear(x, layer.wqkv, layer.bqkv).view(T, -1, hd).transpose(0, 1)   # (H + 2 Hkv, T, hd)
-        qk = apply_rope(qkv[:n_q + n_kv], cos, sin)                              # q and k heads rotate together
+        qk = apply_rope(qkv[:n_qk], cos, sin)                                     # q and k rotate together
         if isinstance(slots, slice):
-            self.cache_k[i, :, slots], self.cache_v[i, :, slots] = qk[n_q:], qkv[n_q + n_kv:]
+            self.cache_k[i, :, slots], self.cache_v[i, :, slots] = qk[n_q:], qkv[n_qk:]
         else:
             self.cache_k[i].index_copy_(1, slots, qk[n_q:])
-            self.cache_v[i].index_copy_(1, slots, qkv[n_q + n_kv:])
+            self.cache_v[i].index_copy_(1, slots, qkv[n_qk:])
         out = grouped_attention(qk[:n_q], self.cache_k[i, :, :seen], self.cache_v[i, :, :seen], mask)
         return linear(out.transpose(0, 1).reshape(T, -1), layer.wo, layer.bo)   # (T, h)
 
@@ -342,31 +328,34 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)   # loade
 
 def unused_but_harmless(name: str, cfg: LlamaConfig) -> bool:
     """Checkpoint tensors a Llama may leave unread: RoPE frequencies older transformers saved (computed here),
-    and the lm_head of a tied model (transformers, too, uses the embedding instead)."""
+    and the lm_head of a tied model (transformers, too, uses the embedding)."""
     return name.endswith(".rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings)
 
 
 def hf_views(model: Llama) -> dict:
-    """Each HF tensor name -> the part of our weights it fills, as a view in HF's (out, in) shape."""
-    cfg, views = model.cfg, {"model.norm.weight": model.norm}
-    q, kv, D = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
-    views["model.embed_tokens.weight"] = model.lm_head.T if cfg.tie_word_embeddings else model.embed
+    """Each HF tensor name -> the part of our weights it fills: a view in HF's (out, in) shape."""
+    cfg, D = model.cfg, model.cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    views = {"model.embed_tokens.weight": model.lm_head.T if cfg.tie_word_embeddings else model.embed,
+             "model.norm.weight": model.norm}
     if not cfg.tie_word_embeddings:
         views["lm_head.weight"] = model.lm_head.T
     for i, L in enumerate(model.layers):
-        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        views.update({f"model.layers.{i}.input_layernorm.weight": L.attn_norm,
-                      f"model.layers.{i}.post_attention_layernorm.weight": L.mlp_norm,
-                      attn + "q_proj.weight": L.wqkv[:, :q].T, attn + "k_proj.weight": L.wqkv[:, q:q + kv].T,
-                      attn + "v_proj.weight": L.wqkv[:, q + kv:].T, attn + "o_proj.weight": L.wo.T,
-                      mlp + "gate_proj.weight": L.w_gate_up[:, :D].T, mlp + "up_proj.weight": L.w_gate_up[:, D:].T,
-                      mlp + "down_proj.weight": L.w_down.T})
-        if cfg.attention_bias:
-            views.update({attn + "q_proj.bias": L.bqkv[:q], attn + "k_proj.bias": L.bqkv[q:q + kv],
-                          attn + "v_proj.bias": L.bqkv[q + kv:], attn + "o_proj.bias": L.bo})
-        if cfg.mlp_bias:
-            views.update({mlp + "gate_proj.bias": L.b_gate_up[:D], mlp + "up_proj.bias": L.b_gate_up[D:],
-                          mlp + "down_proj.bias": L.b_down})
+        p = f"model.layers.{i}."
+        views[p + "input_layernorm.weight"] = L.attn_norm
+        views[p + "post_attention_layernorm.weight"] = L.mlp_norm
+        # Each HF projection: our (in, out) matrix and bias it goes into, and at which output columns.
+        parts = {"self_attn.q_proj": (L.wqkv, L.bqkv, slice(0, q)),
+                 "self_attn.k_proj": (L.wqkv, L.bqkv, slice(q, q + kv)),
+                 "self_attn.v_proj": (L.wqkv, L.bqkv, slice(q + kv, None)),
+                 "self_attn.o_proj": (L.wo, L.bo, slice(None)),
+                 "mlp.gate_proj": (L.w_gate_up, L.b_gate_up, slice(0, D)),
+                 "mlp.up_proj": (L.w_gate_up, L.b_gate_up, slice(D, None)),
+                 "mlp.down_proj": (L.w_down, L.b_down, slice(None))}
+        for name, (w, b, cols) in parts.items():
+            views[p + name + ".weight"] = w[:, cols].T
+            if b is not None:
+                views[p + name + ".bias"] = b[cols]
     return views
 
 
@@ -417,20 +406,17 @@ def safetensors_files(model_dir: Path) -> dict:
         raise CheckpointError(f"{single}: cannot read safetensors ({e})") from None
 
 
-@torch.no_grad()
 def load_model(model_dir, max_seq_len: int = 2048, dtype=torch.float32, device="cpu") -> Llama:
-    """Read a HF Llama folder into a Llama on `device` in `dtype`. Every tensor is checked by name, kind and
-    shape as it is read, and for finiteness where it lands (on the device, in the dtype, one read-back)."""
+    """A HF Llama folder as a Llama on `device` in `dtype`. Each tensor is checked by name, kind and shape as
+    it is read, and for finiteness where it lands (on the device, in `dtype`: one read-back for all)."""
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    files = safetensors_files(model_dir)
+    cfg, files = read_config(model_dir), safetensors_files(model_dir)
     model = Llama(cfg, max_seq_len, device=device, dtype=dtype)
-    views = hf_views(model)
+    views, handles = hf_views(model), {}
     unused = sorted(n for n in files if n not in views and not unused_but_harmless(n, cfg))
     if unused:
         more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
-        raise CheckpointError(f"{model_dir}: tensor {unused[0]}{more} is not used by a Llama with this config")
-    handles = {}
+        raise CheckpointError(f"{model_dir}: tensor {unused[0]}{more} is not used by a Llama of this config")
     for name, view in views.items():
         if name not in files:
             raise CheckpointError(f"{model_dir}: tensor {name} is missing")
@@ -441,15 +427,16 @@ def load_model(model_dir, max_seq_len: int = 2048, dtype=torch.float32, device="
         except (OSError, RuntimeError, SafetensorError) as e:   # unreadable, truncated or corrupt shard
             raise CheckpointError(f"{model_dir}: cannot read weights ({e})") from None
         if t.dtype not in FLOATS:
-            raise CheckpointError(f"{model_dir}: tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}: "
+            kind = str(t.dtype).removeprefix("torch.")
+            raise CheckpointError(f"{model_dir}: tensor {name} has dtype {kind}: "
                                   "quantized checkpoints are not supported")
         if t.shape != view.shape:
             raise CheckpointError(f"{model_dir}: tensor {name} has shape {tuple(t.shape)}, "
                                   f"expected {tuple(view.shape)}")
-        view.copy_(t)                    # to the model's device and dtype, transposed into the (in, out) layout
+        view.copy_(t)                  # into the model's device and dtype, transposed to the (in, out) layout
     finite = torch.stack([torch.isfinite(v).all() for v in views.values()]).tolist()
     if not all(finite):
         name = list(views)[finite.index(False)]
-        raise CheckpointError(f"{model_dir}: tensor {name} holds NaN or infinite values (in {model.norm.dtype})")
+        raise CheckpointError(f"{model_dir}: tensor {name} holds NaN or infinite values (in {dtype})")
     model.make_up_rows()
     return model
