@@ -248,11 +248,12 @@ class Llama(nn.Module):
         kv = (cfg.num_hidden_layers, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
         self.register_buffer("cache_k", torch.zeros(kv, **w), persistent=False)
         self.register_buffer("cache_v", torch.zeros(kv, **w), persistent=False)
-        self.register_load_state_dict_post_hook(lambda model, _: model.make_up_rows())
+        self.register_load_state_dict_post_hook(Llama.make_up_rows)
 
-    def make_up_rows(self):
+    def make_up_rows(self, *_):
         """Each layer's `up_rows` where the fine "gather" plan reads it (CPU, float32/64), else None: after
-        load_model and load_state_dict. `.to()` carries a copy along, still right; call this to drop it."""
+        load_model and load_state_dict (as its post-hook: *_ takes the keys it passes). `.to()` carries a
+        copy along, still right; call this to drop it where it is not used."""
         for layer in self.layers:
             w, D = layer.w_gate_up, self.cfg.intermediate_size
             used = w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)

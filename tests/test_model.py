@@ -148,7 +148,7 @@ def test_grouped_attention_matches_reference(case):
     H, n_kv, hd, S = 6, 2, 16, 24
     T = 1 if case == "one token" else 5
     q, k, v = (torch.randn(n, L, hd, generator=g) for n, L in ((H, T), (n_kv, S), (n_kv, S)))
-    causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)                       # token t sees slots <= S-T+t
+    causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)                     # token t: slots <= S-T+t
     if case == "tree":
         mask = causal & (torch.rand(T, S, generator=g) < 0.6)
         mask[torch.arange(T), S - T + torch.arange(T)] = True                     # each sees its own slot
