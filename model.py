@@ -1,32 +1,52 @@
-"""A small Llama decoder in plain PyTorch, with a preallocated KV cache.
+"""A small Llama decoder in plain PyTorch (batch size 1) with a preallocated KV cache, and its loader.
 
-Loads Hugging Face `LlamaForCausalLM` checkpoints (config.json + safetensors) without `transformers`.
-Batch size 1: a forward pass takes a 1-D tensor of T token ids and returns (T, vocab) logits.
-The cache is addressed by absolute position, so "rolling back" is simply calling `forward` again
-from an earlier `start_pos`: nothing is copied or cropped. The MLP is a seam: `forward(..., mlp=fn)`
-swaps in another MLP (a sparse one) for that pass while attention stays as it is.
+Loads Hugging Face `LlamaForCausalLM` folders (config.json + safetensors) without `transformers`. A forward
+pass takes a 1-D tensor of T token ids and returns (T, vocab) logits. The MLP is a seam: `forward(...,
+mlp=fn)` swaps in another MLP (a sparse one) for that pass while attention stays as it is.
 
-One weight layout: every matrix is stored (in, out) and applied as `x @ W`, converted from Hugging Face's
-(out, in) at load. A decode step multiplies one vector by each matrix, and single-thread CPU matrix-vector
-products stream long rows fastest, so q/k/v are fused into one (h, q+2kv) matrix, gate and up into one
-(h, 2D), and the lm_head is (h, vocab); a tied embedding is read from the lm_head's columns (held once).
+Slots and positions. The cache has `max_seq_len` slots; a slot holds one token's keys and values. A pass
+writes its T tokens to slots start_pos .. start_pos+T-1 and attends to the slots below start_pos+T. By
+default a token's RoPE position is its slot, so rolling back is calling forward again from an earlier
+start_pos: nothing is copied or cropped. A Sirius tree is where they part: its nodes take scratch slots in a
+row, a node's position is pos + its depth, a mask says which slots it sees (the prefix and its ancestors),
+and `move_kv` copies the chosen path's keys and values back to the slots of their positions.
+
+One layout: every matrix is stored (in, out) and applied as `x @ W` (HF's (out, in) transposed at load).
+A decode step multiplies one vector by each matrix, which streams long rows fastest, so q/k/v are fused into
+one (h, q+2kv) matrix, gate and up into one (h, 2D), and the lm_head is (h, vocab); a tied embedding is read
+from the lm_head's columns (held once).
 """
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from torch.nn.attention.bias import causal_lower_right
-
-from kernels import dense_mlp
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
 class CheckpointError(Exception):
-    """A model folder that cannot be used (missing, malformed or inconsistent files): the user's to fix."""
+    """A model folder that cannot be used (missing, malformed, inconsistent, unsupported): for the user."""
+
+
+# What load_model does with each field of transformers' LlamaConfig that could change the logits:
+#  implemented: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+#    head_dim, vocab_size, rms_norm_eps, tie_word_embeddings, attention_bias, mlp_bias, rope_theta, and
+#    rope_parameters (transformers >= 5) or rope_scaling (older) of a type in ROPE_TYPES.
+#  refused (CheckpointError naming field and value): other RoPE types (dynamic, yarn, longrope, su, ...),
+#    and a field of ONLY with a value not listed there.
+#  harmless: attention_dropout (training only), initializer_range, use_cache, pad/bos/eos_token_id,
+#    max_position_embeddings (the trained context), torch_dtype/dtype (weights load into the dtype asked).
+ROPE_TYPES = ("default", "linear", "llama3")
+RESCALE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                   "original_max_position_embeddings")}
+ONLY = {"hidden_act": ("silu", "swish"),       # the MLP is SwiGLU (transformers' "swish" is the same SiLU)
+        "pretraining_tp": (1,),                 # > 1: transformers computes each product in slices
+        "partial_rotary_factor": (1,),          # RoPE on part of each head only
+        "quantization_config": ()}              # any: quantized checkpoints are not supported
 
 
 @dataclass
@@ -41,7 +61,9 @@ class LlamaConfig:
     vocab_size: int = 49152
     rms_norm_eps: float = 1e-5
     rope_theta: float = 100000.0
-    rope_scaling: dict | None = None     # Llama-3.x "llama3" frequency scaling, else None
+    rope_scaling: dict | None = None     # None, or {"rope_type": "linear" or "llama3", its RESCALE_KEYS}
+    attention_bias: bool = False         # q, k, v and o projections have biases
+    mlp_bias: bool = False               # gate, up and down projections have biases
     tie_word_embeddings: bool = True     # lm_head shares the embedding matrix
     max_position_embeddings: int = 8192  # the context the model was trained for
     eos_token_id: list = field(default_factory=lambda: [2])
@@ -53,9 +75,14 @@ class LlamaConfig:
             raise CheckpointError("expected a JSON object")
         if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in (hf.get("architectures") or []):
             raise CheckpointError(f"describes a {hf.get('model_type')!r} model, not a Llama")
+        for name, allowed in ONLY.items():
+            if hf.get(name) is not None and hf[name] not in allowed:
+                why = "quantized checkpoints are not supported" if name == "quantization_config" else \
+                    f"only {' or '.join(map(repr, allowed))} is implemented"
+                raise CheckpointError(f"{name} {hf[name]!r}: {why}")
 
-        def num(name, default=None, kind=int):
-            v = hf.get(name) if hf.get(name) is not None else default
+        def num(name, default=None, kind=int, given=None):
+            v = given if given is not None else hf.get(name) if hf.get(name) is not None else default
             if v is None:
                 raise CheckpointError(f"lacks {name!r}")
             if isinstance(v, bool) or not isinstance(v, kind) or not (math.isfinite(v) and v > 0):
@@ -63,15 +90,20 @@ class LlamaConfig:
                 raise CheckpointError(f"{name} must be a positive {whole}number, got {v!r}")
             return v
 
-        h, n_heads, rope = num("hidden_size"), num("num_attention_heads"), hf.get("rope_parameters") or {}
+        def flag(name):
+            if hf.get(name, False) not in (True, False):
+                raise CheckpointError(f"{name} must be true or false, got {hf[name]!r}")
+            return hf.get(name, False)
+
+        h, n_heads = num("hidden_size"), num("num_attention_heads")
+        theta, scaling = rope_fields(hf)
         cfg = cls(hidden_size=h, intermediate_size=num("intermediate_size"),
                   num_hidden_layers=num("num_hidden_layers"), num_attention_heads=n_heads,
                   num_key_value_heads=num("num_key_value_heads", n_heads),
                   head_dim=num("head_dim", h // n_heads),
                   vocab_size=num("vocab_size"), rms_norm_eps=num("rms_norm_eps", 1e-5, (int, float)),
-                  rope_theta=num("rope_theta", rope.get("rope_theta", 10000.0), (int, float)),
-                  rope_scaling=hf.get("rope_scaling")
-                  or (rope if rope.get("rope_type") == "llama3" else None),
+                  rope_theta=num("rope_theta", 10000.0, (int, float), theta), rope_scaling=scaling,
+                  attention_bias=flag("attention_bias"), mlp_bias=flag("mlp_bias"),
                   tie_word_embeddings=hf.get("tie_word_embeddings") is True,
                   max_position_embeddings=num("max_position_embeddings", 2048))
         eos = hf.get("eos_token_id")
@@ -80,25 +112,43 @@ class LlamaConfig:
             raise CheckpointError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
         if n_heads % cfg.num_key_value_heads:
             raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
-        s = cfg.rope_scaling
-        kind = s.get("rope_type", s.get("type")) if isinstance(s, dict) else None
-        if s is not None and kind not in ("llama3", "default"):
-            raise CheckpointError(f"rope_scaling {s!r} is not supported (only type llama3)")
-        if kind == "llama3" and not all(isinstance(s.get(k), (int, float)) and s[k] > 0
-                                        for k in LLAMA3_ROPE_KEYS):
-            raise CheckpointError(f"rope_scaling of type llama3 needs positive {', '.join(LLAMA3_ROPE_KEYS)}")
+        if cfg.head_dim % 2:
+            raise CheckpointError(f"head_dim must be even (RoPE turns pairs), got {cfg.head_dim}")
         return cfg
 
 
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+def rope_fields(hf):
+    """rope_theta (None if absent) and the RoPE rescaling (None for "default"), from rope_parameters
+    (transformers >= 5, may hold rope_theta) or rope_theta / rope_scaling (older); the same if both."""
+    given = {n: hf[n] for n in ("rope_parameters", "rope_scaling") if hf.get(n) is not None}
+    if not all(isinstance(d, dict) for d in given.values()):
+        raise CheckpointError(f"rope_parameters and rope_scaling must be objects, got {given}")
+    kinds = [{**{k: v for k, v in d.items() if k not in ("rope_theta", "type")},
+              "rope_type": d.get("rope_type", d.get("type", "default"))} for d in given.values()]
+    if len(kinds) == 2 and kinds[0] != kinds[1]:
+        raise CheckpointError(f"rope_parameters and rope_scaling disagree: {given}")
+    theta, inner = hf.get("rope_theta"), given.get("rope_parameters", {}).get("rope_theta")
+    if theta is not None and inner is not None and theta != inner:
+        raise CheckpointError(f"rope_theta {theta!r} and rope_parameters' rope_theta {inner!r} disagree")
+    s = kinds[0] if kinds else {"rope_type": "default"}
+    kind, keys = s["rope_type"], RESCALE_KEYS.get(s["rope_type"], ())
+    if kind not in ROPE_TYPES:
+        raise CheckpointError(f"rope_type {kind!r} is not supported (only {', '.join(ROPE_TYPES)})")
+    if s.get("partial_rotary_factor", 1) != 1:
+        raise CheckpointError(f"partial_rotary_factor {s['partial_rotary_factor']!r}: only 1 is implemented")
+    if not all(type(s.get(k)) in (int, float) and s[k] > 0 for k in keys):
+        raise CheckpointError(f"rope_type {kind} needs positive {', '.join(keys)}, got {s}")
+    scaling = {"rope_type": kind, **{k: s[k] for k in keys}} if keys else None
+    return (inner if theta is None else theta), scaling
 
 
 def rope_tables(cfg: LlamaConfig, max_len: int):
-    """cos/sin tables (max_len, head_dim) for HF's rotate-half RoPE, with Llama-3 scaling if asked."""
+    """cos/sin tables (max_len, head_dim), a row per position, for HF's rotate-half RoPE, rescaled."""
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).double() / cfg.head_dim)
-    s = cfg.rope_scaling
-    if s and s.get("rope_type", s.get("type")) == "llama3":
-        # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, a smooth ramp between.
+    s = cfg.rope_scaling or {"rope_type": "default"}
+    if s["rope_type"] == "linear":      # every wavelength stretched by `factor`: position p turns as p/factor
+        inv_freq = inv_freq / s["factor"]
+    if s["rope_type"] == "llama3":      # Llama 3.1: long wavelengths slowed by `factor`, short kept, a ramp
         wavelen, old = 2 * math.pi / inv_freq, s["original_max_position_embeddings"]
         lo, hi = s["low_freq_factor"], s["high_freq_factor"]
         ramp = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
@@ -120,65 +170,151 @@ def rms_norm(x, weight, eps):
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-class Llama:
-    """The decoder plus its KV cache. Build it with `load_model`; weights are plain tensors."""
+def linear(x, w, b=None):
+    """x @ w, plus b where the layer has a bias: the one (in, out) layout."""
+    return x @ w if b is None else torch.addmm(b, x, w)
 
-    def __init__(self, cfg: LlamaConfig, weights: dict, max_seq_len: int = 2048):
+
+def grouped_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(hd)) v over the slots `mask` allows, each key/value head shared by g query heads.
+
+    q (H, T, hd); k, v (Hkv, S, hd); mask None (every slot), a CausalBias (a chain) or bool (T, S).
+    A chain keeps SDPA's own grouped heads (enable_gqa) and lower-right causal mask, which flash takes. Any
+    other call folds each KV head's g query heads into the query length, (Hkv, g*T, hd), and repeats the mask
+    per head: plain masked attention that SDPA's memory-efficient kernel takes (a bool mask with enable_gqa
+    would leave only the math kernel, which copies K/V per query head). The same numbers either way.
+    """
+    if isinstance(mask, CausalBias):
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
+    (H, T, hd), g = q.shape, q.shape[0] // k.shape[0]
+    folded = q.reshape(-1, g * T, hd)                       # row j*T + t: query head kv*g + j at token t
+    if mask is not None:
+        mask = mask.repeat(g, 1)                            # (g*T, S): the group's heads see the same slots
+    out = F.scaled_dot_product_attention(folded[None], k[None], v[None], attn_mask=mask)[0]  # (Hkv, g*T, hd)
+    return out.view(H, T, hd)
+
+
+def weight(*shape, device=None, dtype=None):
+    """An allocated, uninitialised parameter: filled by load_model or load_state_dict, never trained."""
+    return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+
+
+class Block(nn.Module):
+    """One decoder layer's weights, (in, out); the MLP's are what kernels.py's sparse MLPs read.
+
+    attn_norm, mlp_norm (h,)            RMSNorm weights before attention and before the MLP
+    wqkv (h, q+2kv), bqkv (q+2kv,)      [W_q^T | W_k^T | W_v^T] (q = heads * hd, kv = kv_heads * hd)
+    wo (q, h), bo (h,)                  attention output projection
+    w_gate_up (h, 2D), b_gate_up (2D,)  [W_gate^T | W_up^T]: gate and up read in one product
+    w_down (D, h), b_down (h,)          W_down^T: row n is neuron n's contribution to the output
+    up_rows (D, h)                      W_up, row n = neuron n's up weights: a copy made where kernels.py's
+        fine "gather" plan reads single neurons' rows (CPU, float32/64; see `Llama.make_up_rows`), else None.
+    A bias is None where the config has none (attention_bias, mlp_bias).
+    """
+
+    def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
+        super().__init__()
+        h, D, w = cfg.hidden_size, cfg.intermediate_size, dict(device=device, dtype=dtype)
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        attn_bias, mlp_bias = cfg.attention_bias, cfg.mlp_bias
+        self.attn_norm, self.mlp_norm = weight(h, **w), weight(h, **w)
+        self.wqkv, self.bqkv = weight(h, q + 2 * kv, **w), weight(q + 2 * kv, **w) if attn_bias else None
+        self.wo, self.bo = weight(q, h, **w), weight(h, **w) if attn_bias else None
+        self.w_gate_up, self.b_gate_up = weight(h, 2 * D, **w), weight(2 * D, **w) if mlp_bias else None
+        self.w_down, self.b_down = weight(D, h, **w), weight(h, **w) if mlp_bias else None
+        self.register_buffer("up_rows", None, persistent=False)     # derived: not in the state_dict
+
+    def mlp(self, x):
+        """The layer's own dense SwiGLU MLP, (T, h) -> (T, h): down(silu(gate(x)) * up(x))."""
+        gate, up = linear(x, self.w_gate_up, self.b_gate_up).chunk(2, dim=-1)     # (T, D) each
+        return linear(F.silu(gate) * up, self.w_down, self.b_down)              # (T, h)
+
+
+class Llama(nn.Module):
+    """The decoder and its KV cache. `load_model` builds one from a HF folder; `Llama(cfg, max_seq_len)`
+    allocates one with uninitialised weights, to fill with `load_state_dict` (names as in `state_dict()`)."""
+
+    def __init__(self, cfg: LlamaConfig, max_seq_len: int = 2048, *, device=None, dtype=None):
+        super().__init__()
         self.cfg, self.max_seq_len = cfg, max_seq_len
-        self.norm, self.lm_head = weights["norm"], weights["lm_head"]     # (h,), (h, vocab)
-        self.embed = weights.get("embed")                                  # (vocab, h), None if tied
-        # layers[i]: attn_norm, mlp_norm (h,); wqkv (h, q+2kv); wo (q, h); w_gate_up (h, 2D); w_down (D, h).
-        self.layers = [SimpleNamespace(**{k.split(".")[2]: v for k, v in weights.items()
-                                          if k.startswith(f"layers.{i}.")})
-                       for i in range(cfg.num_hidden_layers)]
-        device, dtype = self.lm_head.device, self.lm_head.dtype
-        cos, sin = rope_tables(cfg, max_seq_len)
-        self.cos, self.sin = cos.to(device, dtype), sin.to(device, dtype)  # (max_seq_len, hd)
-        # The KV cache: one slot per position, shared by every pass (dense, sparse, verification).
+        h, V, w = cfg.hidden_size, cfg.vocab_size, dict(device=device, dtype=dtype)
+        self.embed = None if cfg.tie_word_embeddings else weight(V, h, **w)   # (vocab, h); tied: lm_head's
+        self.layers = nn.ModuleList(Block(cfg, **w) for _ in range(cfg.num_hidden_layers))
+        self.norm, self.lm_head = weight(h, **w), weight(h, V, **w)          # (h,), (h, vocab)
+        cos, sin = rope_tables(cfg, max_seq_len)                              # (max_seq_len, hd)
+        self.register_buffer("cos", cos.to(**w), persistent=False)
+        self.register_buffer("sin", sin.to(**w), persistent=False)
+        # The KV cache (layers, kv_heads, slots, hd), shared by every pass: dense, sparse, verification, tree.
         kv = (cfg.num_hidden_layers, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
-        self.cache_k = torch.zeros(kv, device=device, dtype=dtype)
-        self.cache_v = torch.zeros(kv, device=device, dtype=dtype)
+        self.register_buffer("cache_k", torch.zeros(kv, **w), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(kv, **w), persistent=False)
+        self.register_load_state_dict_post_hook(Llama.make_up_rows)
 
-    def dense_mlp(self, i, x):
-        """The default MLP seam: layer i's full SwiGLU MLP on x (T, h)."""
-        return dense_mlp(x, self.layers[i].w_gate_up, self.layers[i].w_down)
+    def make_up_rows(self, *_):
+        """Each layer's `up_rows` where the fine "gather" plan reads it (CPU, float32/64), else None: after
+        load_model and load_state_dict (as its post-hook: *_ takes the keys it passes). `.to()` carries a
+        copy along, still right; call this to drop it where it is not used."""
+        for layer in self.layers:
+            w, D = layer.w_gate_up, self.cfg.intermediate_size
+            used = w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
+            layer.up_rows = w[:, D:].T.contiguous() if used else None
 
     def embed_tokens(self, tokens):
         return self.embed[tokens] if self.embed is not None else self.lm_head[:, tokens].T   # (T, h)
 
-    @torch.inference_mode()
-    def forward(self, tokens, start_pos: int, mlp=None, *, positions=None, mask=None):
-        """Run tokens (T,) in cache slots [start_pos, start_pos+T); return logits (T, vocab).
+    @torch.no_grad()
+    def forward(self, tokens, start_pos, mlp=None, *, positions=None, mask=None, last_only=False):
+        """Run tokens (T,) in cache slots start_pos .. start_pos+T-1; return their logits (T, vocab).
 
-        Writes those slots' keys/values and attends to slots [0, start_pos+T): whatever the cache held
-        beyond is ignored now and overwritten later. `mlp(i, x)` replaces layer i's MLP for this pass.
-        By default slot = position and attention is causal. A Sirius tree passes `positions` (T,), each
-        token's RoPE position, and `mask` (T, start_pos+T) bool: which slots each token may see.
+        Writes those slots' keys and values and attends to the slots below start_pos+T. `mlp(i, x)` replaces
+        layer i's MLP for this pass. A tree passes `positions` (T,), each token's RoPE position (default: its
+        slot), and `mask` (T, start_pos+T) bool, the slots each token sees (default: causal, every slot up to
+        its own). last_only: the last token's logits only, (1, vocab), all a prefill needs.
+
+        start_pos an int: attention reads the slots below start_pos+T. start_pos a 0-dim long tensor on the
+        device: the static-shape path for graph capture (torch.compile): keys and values are written with
+        index_copy_ and every pass reads all max_seq_len slots behind a mask (a given `mask` may be (T, n) for
+        any n <= max_seq_len, slots from n on hidden), so no shape depends on the position. Neither path reads
+        a value back to the host.
         """
-        cfg, T = self.cfg, tokens.shape[0]
-        end, hd, n_q, n_kv = start_pos + T, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        if end > self.max_seq_len:
-            raise ValueError(f"slot {end} is beyond the cache ({self.max_seq_len}): load with more")
-        mlp = mlp or self.dense_mlp
-        at = slice(start_pos, end) if positions is None else positions
-        cos, sin = self.cos[at], self.sin[at]                                  # (T, hd)
-        if mask is None and T > 1:
-            mask = causal_lower_right(T, end)  # causal from the last slot back; SDPA's fused kernels take it
-        x = self.embed_tokens(tokens)                                          # (T, h)
-        for i, L in enumerate(self.layers):
-            a = rms_norm(x, L.attn_norm, cfg.rms_norm_eps)
-            qkv = (a @ L.wqkv).view(T, -1, hd).transpose(0, 1)                 # (H + 2 Hkv, T, hd)
-            qk = apply_rope(qkv[:n_q + n_kv], cos, sin)                        # q and k heads rotate together
-            self.cache_k[i, :, start_pos:end] = qk[n_q:]
-            self.cache_v[i, :, start_pos:end] = qkv[n_q + n_kv:]
-            att = F.scaled_dot_product_attention(                              # a batch of 1: fused kernels
-                qk[None, :n_q], self.cache_k[None, i, :, :end], self.cache_v[None, i, :, :end],
-                attn_mask=mask, enable_gqa=True)[0]                             # (H, T, hd)
-            x = x + att.transpose(0, 1).reshape(T, -1) @ L.wo                   # (T, h)
-            x = x + mlp(i, rms_norm(x, L.mlp_norm, cfg.rms_norm_eps))
-        return rms_norm(x, self.norm, cfg.rms_norm_eps) @ self.lm_head          # (T, vocab)
+        T, S, eps = tokens.shape[0], self.max_seq_len, self.cfg.rms_norm_eps
+        if isinstance(start_pos, torch.Tensor):
+            slots = start_pos + torch.arange(T, device=tokens.device)          # (T,) where this pass writes
+            if mask is None:     # causal in slot order; later slots are unwritten (or stale): hidden
+                mask = torch.arange(S, device=tokens.device) <= slots[:, None]              # (T, S)
+            else:
+                mask = F.pad(mask, (0, S - mask.shape[1]))                                   # (T, S)
+            seen = S
+        else:
+            seen, slots = start_pos + T, slice(start_pos, start_pos + T)
+            if seen > S:
+                raise ValueError(f"slot {seen} is beyond the cache ({S}): load with more")
+            if mask is None and T > 1:   # a chain: causal from the last slot back
+                mask = causal_lower_right(T, seen)
+        at = slots if positions is None else positions
+        cos, sin = self.cos[at], self.sin[at]                                   # (T, hd)
+        x = self.embed_tokens(tokens)                                           # (T, h)
+        for i, layer in enumerate(self.layers):
+            x = x + self.attention(i, rms_norm(x, layer.attn_norm, eps), cos, sin, slots, seen, mask)
+            a = rms_norm(x, layer.mlp_norm, eps)
+            x = x + (layer.mlp(a) if mlp is None else mlp(i, a))
+        if last_only:
+            x = x[-1:]                                                          # (1, h)
+        return rms_norm(x, self.norm, eps) @ self.lm_head                       # (T, vocab)
 
-    __call__ = forward
+    def attention(self, i, x, cos, sin, slots, seen, mask):
+        """Layer i's attention on x (T, h): write this pass's keys/values to `slots`, read slots < seen."""
+        layer, T, hd, n_q = self.layers[i], x.shape[0], self.cfg.head_dim, self.cfg.num_attention_heads
+        n_qk = n_q + self.cfg.num_key_value_heads
+        qkv = linear(x, layer.wqkv, layer.bqkv).view(T, -1, hd).transpose(0, 1)   # (H + 2 Hkv, T, hd)
+        qk = apply_rope(qkv[:n_qk], cos, sin)                                     # q and k rotate together
+        if isinstance(slots, slice):
+            self.cache_k[i, :, slots], self.cache_v[i, :, slots] = qk[n_q:], qkv[n_qk:]
+        else:
+            self.cache_k[i].index_copy_(1, slots, qk[n_q:])
+            self.cache_v[i].index_copy_(1, slots, qkv[n_qk:])
+        out = grouped_attention(qk[:n_q], self.cache_k[i, :, :seen], self.cache_v[i, :, :seen], mask)
+        return linear(out.transpose(0, 1).reshape(T, -1), layer.wo, layer.bo)   # (T, h)
 
     def move_kv(self, slots, start: int):
         """Copy the keys/values in cache `slots` (n,) to slots start..start+n-1 (a tree's chosen path)."""
@@ -188,13 +324,55 @@ class Llama:
 
 # --- loading a Hugging Face checkpoint ------------------------------------------------------------
 
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)   # loaded into the dtype asked for
+
+
+def unused_but_harmless(name: str, cfg: LlamaConfig) -> bool:
+    """Checkpoint tensors a Llama may leave unread: RoPE frequencies older transformers saved (computed here),
+    and the lm_head of a tied model (transformers, too, uses the embedding)."""
+    return name.endswith(".rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings)
+
+
+def hf_views(model: Llama) -> dict:
+    """Each HF tensor name -> the part of our weights it fills: a view in HF's (out, in) shape."""
+    cfg, D = model.cfg, model.cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    views = {"model.embed_tokens.weight": model.lm_head.T if cfg.tie_word_embeddings else model.embed,
+             "model.norm.weight": model.norm}
+    if not cfg.tie_word_embeddings:
+        views["lm_head.weight"] = model.lm_head.T
+    for i, L in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        views[p + "input_layernorm.weight"] = L.attn_norm
+        views[p + "post_attention_layernorm.weight"] = L.mlp_norm
+        # Each HF projection: our (in, out) matrix and bias it goes into, and at which output columns.
+        parts = {"self_attn.q_proj": (L.wqkv, L.bqkv, slice(0, q)),
+                 "self_attn.k_proj": (L.wqkv, L.bqkv, slice(q, q + kv)),
+                 "self_attn.v_proj": (L.wqkv, L.bqkv, slice(q + kv, None)),
+                 "self_attn.o_proj": (L.wo, L.bo, slice(None)),
+                 "mlp.gate_proj": (L.w_gate_up, L.b_gate_up, slice(0, D)),
+                 "mlp.up_proj": (L.w_gate_up, L.b_gate_up, slice(D, None)),
+                 "mlp.down_proj": (L.w_down, L.b_down, slice(None))}
+        for name, (w, b, cols) in parts.items():
+            views[p + name + ".weight"] = w[:, cols].T
+            if b is not None:
+                views[p + name + ".bias"] = b[cols]
+    return views
+
+
 def read_json(path: Path):
+    """A UTF-8 JSON file's content; anything else is reported with the file (and the line)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+        raw = path.read_bytes()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise CheckpointError(f"{path}: line {line} is not valid UTF-8") from None
+    except json.JSONDecodeError as e:   # its message gives the line and column
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
 def read_config(model_dir) -> LlamaConfig:
@@ -230,17 +408,17 @@ def safetensors_files(model_dir: Path) -> dict:
 
 
 def load_model(model_dir, max_seq_len: int = 2048, dtype=torch.float32, device="cpu") -> Llama:
-    """Read a HF Llama folder; every tensor is checked by name, shape and finiteness before it is used."""
+    """A HF Llama folder as a Llama on `device` in `dtype`. Each tensor is checked by name, kind and shape as
+    it is read, and for finiteness where it lands (on the device, in `dtype`: one read-back for all)."""
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    h, D, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    shapes = {"input_layernorm": (h,), "post_attention_layernorm": (h,), "self_attn.q_proj": (q, h),
-              "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, q),
-              "mlp.gate_proj": (D, h), "mlp.up_proj": (D, h), "mlp.down_proj": (h, D)}
-    files, handles = safetensors_files(model_dir), {}
-
-    def get(name, shape):  # one HF tensor, checked, in the HF layout
+    cfg, files = read_config(model_dir), safetensors_files(model_dir)
+    model = Llama(cfg, max_seq_len, device=device, dtype=dtype)
+    views, handles = hf_views(model), {}
+    unused = sorted(n for n in files if n not in views and not unused_but_harmless(n, cfg))
+    if unused:
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise CheckpointError(f"{model_dir}: tensor {unused[0]}{more} is not used by a Llama of this config")
+    for name, view in views.items():
         if name not in files:
             raise CheckpointError(f"{model_dir}: tensor {name} is missing")
         try:
@@ -249,22 +427,17 @@ def load_model(model_dir, max_seq_len: int = 2048, dtype=torch.float32, device="
             t = handles[files[name]].get_tensor(name)
         except (OSError, RuntimeError, SafetensorError) as e:   # unreadable, truncated or corrupt shard
             raise CheckpointError(f"{model_dir}: cannot read weights ({e})") from None
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{model_dir}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
-        if not torch.isfinite(t).all():
-            raise CheckpointError(f"{model_dir}: tensor {name} holds NaN or infinite values")
-        return t.to(device=device, dtype=dtype)
-
-    embed = get("model.embed_tokens.weight", (cfg.vocab_size, h))
-    head = embed if cfg.tie_word_embeddings else get("lm_head.weight", (cfg.vocab_size, h))
-    weights = {"norm": get("model.norm.weight", (h,)), "lm_head": head.T.contiguous()}
-    if not cfg.tie_word_embeddings:
-        weights["embed"] = embed
-    for i in range(cfg.num_hidden_layers):
-        w = {n: get(f"model.layers.{i}.{n}.weight", s) for n, s in shapes.items()}
-        weights.update({f"layers.{i}.{ours}": t.contiguous() for ours, t in {  # HF (out, in) -> (in, out)
-            "attn_norm": w["input_layernorm"], "mlp_norm": w["post_attention_layernorm"],
-            "wqkv": torch.cat([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]).T,
-            "wo": w["self_attn.o_proj"].T, "w_gate_up": torch.cat([w["mlp.gate_proj"], w["mlp.up_proj"]]).T,
-            "w_down": w["mlp.down_proj"].T}.items()})
-    return Llama(cfg, weights, max_seq_len)
+        if t.dtype not in FLOATS:
+            kind = str(t.dtype).removeprefix("torch.")
+            raise CheckpointError(f"{model_dir}: tensor {name} has dtype {kind}: "
+                                  "quantized checkpoints are not supported")
+        if t.shape != view.shape:
+            raise CheckpointError(f"{model_dir}: tensor {name} has shape {tuple(t.shape)}, "
+                                  f"expected {tuple(view.shape)}")
+        view.copy_(t)                  # into the model's device and dtype, transposed to the (in, out) layout
+    finite = torch.stack([torch.isfinite(v).all() for v in views.values()]).tolist()
+    if not all(finite):
+        name = list(views)[finite.index(False)]
+        raise CheckpointError(f"{model_dir}: tensor {name} holds NaN or infinite values (in {dtype})")
+    model.make_up_rows()
+    return model

@@ -43,9 +43,11 @@ def encode_chat(tok, text):
 
 def twin(model):
     """A second Llama on the same weights with its own, empty KV cache: a reference pass in it cannot
-    overwrite the cache of the model under inspection."""
-    other = copy.copy(model)
-    other.cache_k, other.cache_v = torch.zeros_like(model.cache_k), torch.zeros_like(model.cache_v)
+    overwrite the cache of the model under inspection. (deepcopy with every tensor but the cache shared.)"""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]
+              if t is not model.cache_k and t is not model.cache_v}
+    other = copy.deepcopy(model, memo=shared)
+    other.cache_k.zero_(), other.cache_v.zero_()
     return other
 
 

@@ -1,4 +1,5 @@
-"""model.py against Hugging Face transformers, without transformers: a golden-logit parity test.
+"""model.py against Hugging Face transformers, without transformers: a golden-logit parity test, for a
+prompt run in one pass, in two calls through the KV cache, and on the static-shape path.
 
 tests/reference/golden_smollm2.json holds transformers' fp32 logits (LlamaForCausalLM, eager attention)
 for SmolLM2-135M-Instruct on three prompts: the top-10 token ids and logits at every position. It is
@@ -25,13 +26,24 @@ GOLDEN = json.loads((Path(__file__).resolve().parent / "reference" / "golden_smo
 TOL = 1e-4  # absolute, on logits of magnitude ~10-30
 
 
-def compare(model, prompt, start_pos=0):
+def logits_by(model, ids, way):
+    """The prompt's logits (T, vocab) computed one of three ways that must agree with transformers: one pass;
+    two calls, the second reading the first's keys and values from the cache; the static-shape path."""
+    if way == "one pass":
+        return model(ids, 0)
+    if way == "two calls":
+        half = len(ids) // 2
+        return torch.cat([model(ids[:half], 0), model(ids[half:], half)])
+    return model(ids, torch.tensor(0))
+
+
+def compare(model, prompt, way="one pass"):
     """Our logits at the golden top-10 ids minus the golden logits (T, 10), and where our top-1 is wrong.
 
     Top-1 is only required where the golden top-1 leads top-2 by more than TOL: a near-tie may flip
     between two correct fp32 implementations.
     """
-    logits = model(torch.tensor(prompt["ids"]), start_pos).float()             # (T, vocab)
+    logits = logits_by(model, torch.tensor(prompt["ids"]), way).float()       # (T, vocab)
     ids = torch.tensor([p["ids"] for p in prompt["positions"]])                # (T, 10)
     want = torch.tensor([p["logits"] for p in prompt["positions"]], dtype=torch.float64)
     diff = logits.gather(1, ids).double() - want
@@ -40,13 +52,14 @@ def compare(model, prompt, start_pos=0):
     return diff, wrong_top1
 
 
+@pytest.mark.parametrize("way", ["one pass", "two calls", "static path"])
 @pytest.mark.parametrize("prompt", GOLDEN["prompts"], ids=[p["name"] for p in GOLDEN["prompts"]])
-def test_logits_match_transformers(smollm, prompt):
+def test_logits_match_transformers(smollm, prompt, way):
     model, tok = smollm
     assert tok.encode(prompt["text"]).ids == prompt["ids"], "the tokenizer no longer gives the golden ids"
-    diff, wrong_top1 = compare(model, prompt)
+    diff, wrong_top1 = compare(model, prompt, way)
     worst = diff.abs().max(dim=1).values                                       # (T,)
     t = int(worst.argmax())
-    assert worst[t] <= TOL, (f"{prompt['name']}: logit off by {worst[t]:.3g} at position {t} "
+    assert worst[t] <= TOL, (f"{prompt['name']}, {way}: logit off by {worst[t]:.3g} at position {t} "
                              f"(tolerance {TOL}, absolute; transformers {GOLDEN['transformers_version']})")
-    assert not wrong_top1, f"{prompt['name']}: top-1 differs from transformers at positions {wrong_top1}"
+    assert not wrong_top1, f"{prompt['name']}, {way}: top-1 differs from transformers at {wrong_top1}"

@@ -1,18 +1,20 @@
-"""model.py: the KV cache (token by token = one pass, rollback, tree inputs, move_kv), the loaded weight
-layout, HF checkpoints (sharded, GQA, tied/untied, Llama-3 RoPE) and every bad checkpoint reported as
-CheckpointError.
+"""model.py's Llama: the KV cache (token by token = one pass, rollback, tree inputs, move_kv), attention in
+its two layouts against a textbook one, the static-shape path against the int path, no host synchronisation
+in forward, last_only, and the nn.Module (parameters, state_dict, load_state_dict, .to). Loading folders:
+tests/test_checkpoints.py.
 
 Logit comparisons are relative to the logits' scale (conftest.rel_err); fp32 gives ~1e-7 here.
 """
-import json
+import copy
+import math
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from torch.nn.attention.bias import causal_lower_right
 
-from conftest import TINY_CONFIG, encode_chat, rel_err, write_checkpoint
-from model import CheckpointError, LlamaConfig, load_model, read_config
+from conftest import TINY_CONFIG, encode_chat, rel_err, twin, write_checkpoint
+from model import Llama, grouped_attention, load_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -126,137 +128,132 @@ def test_smollm_knows_paris(smollm):
     assert "Paris" in tok.decode(out)
 
 
-# --- the loaded layout -------------------------------------------------------------------------------
+# --- attention layouts, the static-shape path, no host synchronisation ------------------------------------
 
-def hf_tensors(folder):
-    """Every tensor of a checkpoint, read straight from its safetensors files, under HF names."""
-    tensors = {}
-    for path in folder.glob("*.safetensors"):
-        tensors.update(load_file(path))
-    return tensors
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_loaded_layout_is_in_by_out(tmp_path, tied):
-    """model.py's one layout: every matrix (in, out), applied as x @ W. A transposition or a swapped
-    gate/up half here would still run (the shapes are square-ish) and give a different model."""
-    cfg = {**TINY_CONFIG, "tie_word_embeddings": tied}
-    write_checkpoint(tmp_path, cfg, shards=1 if tied else 3)
-    model, hf = load_model(tmp_path, max_seq_len=16), hf_tensors(tmp_path)
-    for i, L in enumerate(model.layers):
-        w = lambda name: hf[f"model.layers.{i}.{name}.weight"]  # noqa: E731
-        qkv = torch.cat([w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")])
-        assert torch.equal(L.wqkv, qkv.T)
-        assert torch.equal(L.wo, w("self_attn.o_proj").T)
-        assert torch.equal(L.w_gate_up, torch.cat([w("mlp.gate_proj"), w("mlp.up_proj")]).T)
-        assert torch.equal(L.w_down, w("mlp.down_proj").T)
-        assert torch.equal(L.attn_norm, w("input_layernorm"))
-        assert torch.equal(L.mlp_norm, w("post_attention_layernorm"))
-    assert torch.equal(model.norm, hf["model.norm.weight"])
-    embed = hf["model.embed_tokens.weight"]
-    assert torch.equal(model.lm_head, (embed if tied else hf["lm_head.weight"]).T)
-    assert (model.embed is None) if tied else torch.equal(model.embed, embed)
-    ids = torch.tensor([3, 0, 99, 3])
-    assert torch.equal(model.embed_tokens(ids), embed[ids])
+def reference_attention(q, k, v, mask):
+    """Attention as written in a textbook: each KV head repeated for its query heads, explicit softmax."""
+    g = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(g, dim=0), v.repeat_interleave(g, dim=0)           # (H, S, hd)
+    scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])                       # (H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v                                              # (H, T, hd)
 
 
-def test_smollm_layout_and_config(smollm, smollm_dir):
-    """The embedded model: tied, layer 0's gate/up as in its file; LlamaConfig's defaults are its config."""
-    model, _ = smollm
-    with safe_open(smollm_dir / "model.safetensors", "pt") as f:
-        gate, up = (f.get_tensor(f"model.layers.0.mlp.{n}_proj.weight") for n in ("gate", "up"))
-        embed = f.get_tensor("model.embed_tokens.weight")
-    assert torch.equal(model.layers[0].w_gate_up, torch.cat([gate, up]).T)
-    assert model.embed is None and torch.equal(model.lm_head, embed.T)
-    assert read_config(smollm_dir) == LlamaConfig()
+@pytest.mark.parametrize("case", ["chain", "tree", "one token", "whole cache"])
+def test_grouped_attention_matches_reference(case):
+    """The folded layout (a KV head's query heads along the query length) and the chain's CausalBias path
+    compute the same attention as the textbook, fp32 on CPU."""
+    g = torch.Generator().manual_seed(4)
+    H, n_kv, hd, S = 6, 2, 16, 24
+    T = 1 if case == "one token" else 5
+    q, k, v = (torch.randn(n, L, hd, generator=g) for n, L in ((H, T), (n_kv, S), (n_kv, S)))
+    causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)                     # token t: slots <= S-T+t
+    if case == "tree":
+        mask = causal & (torch.rand(T, S, generator=g) < 0.6)
+        mask[torch.arange(T), S - T + torch.arange(T)] = True                     # each sees its own slot
+    elif case == "whole cache":                                                    # the static path: slots
+        mask = causal.clone()                                                      # past the pass hidden
+        mask[:, S - T - 3:S - T] = False
+    else:
+        mask = None if T == 1 else causal
+    given = causal_lower_right(T, S) if case == "chain" else mask
+    assert rel_err(grouped_attention(q, k, v, given), reference_attention(q, k, v, mask)) <= 1e-6
 
 
-# --- bad checkpoints: one CheckpointError naming the file ----------------------------------------------
-
-def config_with(**changes):
-    return json.dumps({**TINY_CONFIG, **changes})
-
-
-BAD_CONFIGS = {
-    "a list": "[1, 2]",
-    "not JSON": "{'hidden_size': 32}",
-    "not UTF-8": b"{\"model_type\": \"llama\xff\"}",
-    "not a Llama": json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}),
-    "context a string": config_with(max_position_embeddings="2048"),
-    "no heads": config_with(num_attention_heads=0),
-    "negative layers": config_with(num_hidden_layers=-1),
-    "hidden_size a dict": config_with(hidden_size={"value": 32}),
-    "hidden_size a bool": config_with(hidden_size=True),
-    "intermediate_size a float": config_with(intermediate_size=64.5),
-    "vocab_size missing": json.dumps({k: v for k, v in TINY_CONFIG.items() if k != "vocab_size"}),
-    "rms_norm_eps NaN": config_with(rms_norm_eps=float("nan")),
-    "eos a string": config_with(eos_token_id="2"),
-    "eos list of strings": config_with(eos_token_id=[2, "3"]),
-    "heads not a multiple of KV heads": config_with(num_key_value_heads=3),
-    "llama3 rope missing a key": config_with(rope_scaling={k: v for k, v in LLAMA3_ROPE.items()
-                                                           if k != "factor"}),
-    "rope_scaling a string": config_with(rope_scaling="llama3"),
-}
+def tree_inputs(pos, generator):
+    """A tree pass of 5 nodes after pos verified slots: node depths, and a mask of the prefix plus
+    ancestors (node 0 the root, 1 and 2 its children, 3 a child of 1, 4 a child of 2)."""
+    parent = [None, 0, 0, 1, 2]
+    anc = torch.eye(5, dtype=torch.bool)
+    for j in range(1, 5):
+        anc[j] |= anc[parent[j]]
+    depth = anc.sum(1) - 1
+    tokens = torch.randint(0, TINY_CONFIG["vocab_size"], (5,), generator=generator)
+    return tokens, pos + depth, torch.cat([torch.ones(5, pos, dtype=torch.bool), anc], dim=1)
 
 
-@pytest.mark.parametrize("content", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
-def test_bad_config_names_the_file(tmp_path, content):
+def test_static_path_equals_int_path(tiny):
+    """start_pos as a 0-dim tensor (whole cache, masked, index_copy_) gives the int path's logits and cache:
+    a prefill, one-token steps, a tree pass, and a prefill's last logits only."""
+    g = torch.Generator().manual_seed(5)
+    static, prompt = twin(tiny), torch.randint(0, 100, (12,), generator=g)
+    pos = lambda p: torch.tensor(p)  # noqa: E731
+    assert rel_err(static(prompt, pos(0)), tiny(prompt, 0)) <= 1e-5
+    for p in range(12, 15):
+        t = torch.randint(0, 100, (1,), generator=g)
+        assert rel_err(static(t, pos(p)), tiny(t, p)) <= 1e-5
+    tokens, positions, mask = tree_inputs(15, g)
+    want = tiny(tokens, 15, positions=positions, mask=mask)
+    assert rel_err(static(tokens, pos(15), positions=positions, mask=mask), want) <= 1e-5
+    assert rel_err(static.cache_k[:, :, :20], tiny.cache_k[:, :, :20]) <= 1e-5     # layer 0's are equal,
+    assert rel_err(static.cache_v[:, :, :20], tiny.cache_v[:, :, :20]) <= 1e-5     # later ones to rounding
+    assert rel_err(static(prompt, pos(0), last_only=True), tiny(prompt, 0)[-1:]) <= 1e-5
+
+
+SYNCING = ["item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero"]
+
+
+def test_forward_never_reads_back_to_the_host(tiny, monkeypatch):
+    """No .item(), .tolist(), bool/int/index of a tensor, nonzero or torch.tensor(...) inside forward, on
+    either path: each would stall a GPU queue (and break graph capture). Counted by patching torch."""
+    calls = []
+
+    def counting(name, original):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        return wrapper
+
+    g = torch.Generator().manual_seed(6)
+    prompt, step = torch.randint(0, 100, (8,), generator=g), torch.randint(0, 100, (1,), generator=g)
+    tokens, positions, mask = tree_inputs(9, g)
+    as_sparse = lambda i, x: tiny.layers[i].mlp(x)  # noqa: E731   (an MLP passed in, as a sparse one is)
+    p0, p8, p9 = torch.tensor(0), torch.tensor(8), torch.tensor(9)
+    for name in SYNCING:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "tensor", counting("torch.tensor", torch.tensor))
+    for start_pos, step_pos, tree_pos in ((0, 8, 9), (p0, p8, p9)):                  # int path, static path
+        tiny(prompt, start_pos)
+        tiny(prompt, start_pos, last_only=True)
+        tiny(step, step_pos, as_sparse)
+        tiny(tokens, tree_pos, positions=positions, mask=mask)
+    monkeypatch.undo()
+    assert calls == []
+
+
+def test_last_only_is_the_last_row(tiny):
+    """A prefill that asks for the last logits only gets exactly the last row of the full logits."""
+    prompt = random_tokens(9, seed=7)
+    last = tiny(prompt, 0, last_only=True)
+    assert last.shape == (1, TINY_CONFIG["vocab_size"]) and rel_err(last, tiny(prompt, 0)[-1:]) <= 1e-6
+
+
+# --- the nn.Module ---------------------------------------------------------------------------------
+
+def test_module_holds_the_checkpoint(tmp_path):
+    """parameters() is the checkpoint's every number, once; state_dict names the weights, not the cache;
+    load_state_dict into a freshly allocated Llama gives the same model (and remakes up_rows)."""
     write_checkpoint(tmp_path, TINY_CONFIG)
-    path = tmp_path / "config.json"
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(CheckpointError) as err:
-        load_model(tmp_path)
-    assert str(path) in str(err.value)
+    model = load_model(tmp_path, max_seq_len=16)
+    hf = load_file(tmp_path / "model.safetensors")
+    assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in hf.values())
+    per_layer = ["attn_norm", "mlp_norm", "wqkv", "wo", "w_gate_up", "w_down"]
+    assert set(model.state_dict()) == {"embed", "norm", "lm_head"} | {
+        f"layers.{i}.{n}" for i in range(TINY_CONFIG["num_hidden_layers"]) for n in per_layer}
+    assert all(not p.requires_grad for p in model.parameters())
+    fresh = Llama(model.cfg, 16)
+    fresh.load_state_dict(model.state_dict())
+    tokens = random_tokens(10, seed=8)
+    assert torch.equal(fresh(tokens, 0), model(tokens, 0))
+    assert all(torch.equal(a.up_rows, b.up_rows) for a, b in zip(fresh.layers, model.layers))
 
 
-def test_null_context_means_the_default(tmp_path):
-    """`max_position_embeddings: null` is HF's "not given": 2048, not an error."""
-    write_checkpoint(tmp_path, {**TINY_CONFIG, "max_position_embeddings": None})
-    assert read_config(tmp_path).max_position_embeddings == 2048
-    assert load_model(tmp_path, max_seq_len=8).cfg.max_position_embeddings == 2048
-
-
-BAD_INDEXES = {
-    "no weight_map": json.dumps({"metadata": {}}),
-    "not JSON": "{weight_map: }",
-    "weight_map to numbers": json.dumps({"weight_map": {"model.norm.weight": 1}}),
-    "a list": "[]",
-}
-
-
-@pytest.mark.parametrize("content", BAD_INDEXES.values(), ids=BAD_INDEXES.keys())
-def test_bad_index_names_the_file(tmp_path, content):
-    write_checkpoint(tmp_path, TINY_CONFIG, shards=2)
-    index = tmp_path / "model.safetensors.index.json"
-    index.write_text(content)
-    with pytest.raises(CheckpointError) as err:
-        load_model(tmp_path)
-    assert str(index) in str(err.value)
-
-
-def test_bad_folders_and_weights(tmp_path):
-    """Missing or broken pieces of a folder: each a CheckpointError that says what is wrong and where."""
-    def fails(match):
-        with pytest.raises(CheckpointError, match=match):
-            load_model(tmp_path)
-
-    with pytest.raises(CheckpointError, match="model folder not found"):
-        load_model(tmp_path / "nope")
-    fails("no config.json")
-    write_checkpoint(tmp_path, TINY_CONFIG, drop="model.layers.1.mlp.up_proj.weight")
-    fails(r"model.layers.1.mlp.up_proj.weight is missing")
-    write_checkpoint(tmp_path, {**TINY_CONFIG, "intermediate_size": 48})
-    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))  # config disagrees with the weights
-    fails(r"gate_proj.weight has shape \(48, 32\), expected \(64, 32\)")
-    write_checkpoint(tmp_path, TINY_CONFIG)
-    tensors = load_file(tmp_path / "model.safetensors")
-    tensors["model.norm.weight"][3] = float("nan")
-    save_file(tensors, tmp_path / "model.safetensors")
-    fails("model.norm.weight holds NaN")
-    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
-    fails("cannot read")
-    (tmp_path / "model.safetensors").unlink()
-    fails("no model.safetensors")
-    write_checkpoint(tmp_path, TINY_CONFIG, shards=2)
-    (tmp_path / "model-00002-of-00002.safetensors").unlink()                 # a shard the index names is gone
-    fails("cannot read weights")
+def test_to_another_dtype(tiny):
+    """.to(float64) moves weights, cache and RoPE tables together: the same logits, to fp32's precision."""
+    tokens = random_tokens(10, seed=9)
+    want, wide = tiny(tokens, 0).double(), copy.deepcopy(tiny).to(torch.float64)
+    assert wide.cache_k.dtype == wide.layers[0].wqkv.dtype == wide.cos.dtype == torch.float64
+    assert tiny.cache_k.dtype == tiny.layers[0].wqkv.dtype == torch.float32          # a copy was moved
+    got = wide(tokens, 0)
+    assert got.dtype == torch.float64 and rel_err(got, want) <= 1e-5

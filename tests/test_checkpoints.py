@@ -1,0 +1,350 @@
+"""Loading Hugging Face folders: every folder transformers wrote under tests/checkpoints/ gives transformers'
+logits (or is refused naming what MANIFEST.json says), the loaded (in, out) layout, each config field and
+tensor implemented or refused (never ignored), and every bad folder reported as one CheckpointError.
+
+tests/checkpoints/ is made by hand with tests/reference/make_checkpoints.py (transformers' own
+save_pretrained and LlamaForCausalLM, fp32, eager attention); this file only reads it.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_CONFIG, rel_err, write_checkpoint
+from model import CheckpointError, LlamaConfig, load_model, read_config, rope_tables
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+MANIFEST_FILE = CHECKPOINTS / "MANIFEST.json"
+MANIFEST = json.loads(MANIFEST_FILE.read_text()) if MANIFEST_FILE.is_file() else {"variants": []}
+SUPPORTED = [v for v in MANIFEST["variants"] if v["status"] == "supported"]
+REFUSED = [v for v in MANIFEST["variants"] if v["status"] == "refused"]
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+# --- folders transformers wrote -------------------------------------------------------------------------
+
+def test_the_fixture_folders_are_there():
+    assert SUPPORTED and REFUSED, f"{CHECKPOINTS}/MANIFEST.json is missing or lists no folders"
+
+
+@pytest.mark.parametrize("variant", SUPPORTED, ids=[v["folder"] for v in SUPPORTED])
+def test_folder_gives_transformers_logits(variant):
+    """All logits of one pass, and of a second call that continues from the cache, as LlamaForCausalLM's
+    (fp32 both; relative to the logits' scale). For a scaled RoPE the error is also far below what
+    ignoring the scaling would cost, so the tolerance cannot hide it."""
+    golden = json.loads((CHECKPOINTS / variant["folder"] / variant["golden"]).read_text())
+    model = load_model(CHECKPOINTS / variant["folder"], max_seq_len=64)
+    ids, split = torch.tensor(golden["ids"]), golden["cache_split"]
+    want, want_cached = torch.tensor(golden["logits"]), torch.tensor(golden["cached_logits"])
+    assert rel_err(model(ids, 0), want) <= 1e-5
+    model(ids[:split], 0)
+    assert rel_err(model(ids[split:], split), want_cached) <= 1e-5
+    if "unscaled_rope_max_abs_diff" in golden:
+        assert (model(ids, 0) - want).abs().max() < 1e-3 * golden["unscaled_rope_max_abs_diff"]
+
+
+@pytest.mark.parametrize("variant", REFUSED, ids=[v["folder"] for v in REFUSED])
+def test_folder_is_refused_naming_why(variant):
+    with pytest.raises(CheckpointError) as err:
+        load_model(CHECKPOINTS / variant["folder"], max_seq_len=16)
+    assert all(word in str(err.value) for word in variant["must_mention"]), str(err.value)
+
+
+# --- the loaded layout -------------------------------------------------------------------------------
+
+def add_tensors(folder, **tensors):
+    """Put extra tensors (HF names, dots as __) into a single-file checkpoint."""
+    path = folder / "model.safetensors"
+    save_file({**load_file(path), **{k.replace("__", "."): t for k, t in tensors.items()}}, path)
+    return folder
+
+
+def hf_tensors(folder):
+    """Every tensor of a checkpoint, read straight from its safetensors files, under HF names."""
+    tensors = {}
+    for path in folder.glob("*.safetensors"):
+        tensors.update(load_file(path))
+    return tensors
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_loaded_layout_is_in_by_out(tmp_path, tied):
+    """model.py's one layout: every matrix (in, out), applied as x @ W. A transposition or a swapped
+    gate/up half here would still run (the shapes are square-ish) and give a different model."""
+    cfg = {**TINY_CONFIG, "tie_word_embeddings": tied}
+    write_checkpoint(tmp_path, cfg, shards=1 if tied else 3)
+    model, hf = load_model(tmp_path, max_seq_len=16), hf_tensors(tmp_path)
+    for i, L in enumerate(model.layers):
+        w = lambda name: hf[f"model.layers.{i}.{name}.weight"]  # noqa: E731
+        qkv = torch.cat([w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")])
+        assert torch.equal(L.wqkv, qkv.T)
+        assert torch.equal(L.wo, w("self_attn.o_proj").T)
+        assert torch.equal(L.w_gate_up, torch.cat([w("mlp.gate_proj"), w("mlp.up_proj")]).T)
+        assert torch.equal(L.w_down, w("mlp.down_proj").T)
+        assert torch.equal(L.attn_norm, w("input_layernorm"))
+        assert torch.equal(L.mlp_norm, w("post_attention_layernorm"))
+    assert torch.equal(model.norm, hf["model.norm.weight"])
+    embed = hf["model.embed_tokens.weight"]
+    assert torch.equal(model.lm_head, (embed if tied else hf["lm_head.weight"]).T)
+    assert (model.embed is None) if tied else torch.equal(model.embed, embed)
+    ids = torch.tensor([3, 0, 99, 3])
+    assert torch.equal(model.embed_tokens(ids), embed[ids])
+
+
+def test_biases_in_the_fused_layout(tmp_path):
+    """attention_bias and mlp_bias: the biases sit beside their fused matrices, in the same order (q | k | v,
+    gate | up), where the dense forward and kernels.py's sparse MLPs read them; None where the config has
+    none. A bias without its flag is an unused tensor, a flag without its biases a missing one."""
+    g = torch.Generator().manual_seed(3)
+    r = lambda n: torch.randn(n, generator=g)  # noqa: E731
+    biases = {f"model__layers__{i}__{m}__bias": r(n) for i in range(2) for m, n in (
+        ("self_attn__q_proj", 32), ("self_attn__k_proj", 16), ("self_attn__v_proj", 16),
+        ("self_attn__o_proj", 32), ("mlp__gate_proj", 64), ("mlp__up_proj", 64), ("mlp__down_proj", 32))}
+    write_checkpoint(tmp_path, {**TINY_CONFIG, "attention_bias": True, "mlp_bias": True})
+    add_tensors(tmp_path, **biases)
+    model = load_model(tmp_path, max_seq_len=8)
+    for i, L in enumerate(model.layers):
+        b = lambda name: biases[f"model__layers__{i}__{name}__bias"]  # noqa: E731
+        assert torch.equal(L.bqkv, torch.cat([b("self_attn__q_proj"), b("self_attn__k_proj"),
+                                              b("self_attn__v_proj")]))
+        assert torch.equal(L.bo, b("self_attn__o_proj")) and torch.equal(L.b_down, b("mlp__down_proj"))
+        assert torch.equal(L.b_gate_up, torch.cat([b("mlp__gate_proj"), b("mlp__up_proj")]))
+    plain = load_model(write_checkpoint(tmp_path / "plain", TINY_CONFIG), max_seq_len=8)
+    assert all(b is None for L in plain.layers for b in (L.bqkv, L.bo, L.b_gate_up, L.b_down))
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_CONFIG, "attention_bias": True}))
+    with pytest.raises(CheckpointError, match=r"layers.0.mlp.down_proj.bias \(and 5 more\) is not used"):
+        load_model(tmp_path)
+    write_checkpoint(tmp_path, {**TINY_CONFIG, "mlp_bias": True})
+    add_tensors(tmp_path, model__layers__0__mlp__gate_proj__bias=r(64))
+    with pytest.raises(CheckpointError, match="tensor model.layers.0.mlp.up_proj.bias is missing"):
+        load_model(tmp_path)
+
+
+def test_smollm_layout_and_config(smollm, smollm_dir):
+    """The embedded model: tied, layer 0's gate/up as in its file; LlamaConfig's defaults are its config."""
+    model, _ = smollm
+    with safe_open(smollm_dir / "model.safetensors", "pt") as f:
+        gate, up = (f.get_tensor(f"model.layers.0.mlp.{n}_proj.weight") for n in ("gate", "up"))
+        embed = f.get_tensor("model.embed_tokens.weight")
+    assert torch.equal(model.layers[0].w_gate_up, torch.cat([gate, up]).T)
+    assert model.embed is None and torch.equal(model.lm_head, embed.T)
+    assert read_config(smollm_dir) == LlamaConfig()
+
+
+# --- bad checkpoints: one CheckpointError naming the file ----------------------------------------------
+
+def config_with(**changes):
+    return json.dumps({**TINY_CONFIG, **changes})
+
+
+BAD_CONFIGS = {
+    "a list": "[1, 2]",
+    "not JSON": "{'hidden_size': 32}",
+    "not UTF-8": b"{\"model_type\": \"llama\xff\"}",
+    "not a Llama": json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}),
+    "context a string": config_with(max_position_embeddings="2048"),
+    "no heads": config_with(num_attention_heads=0),
+    "negative layers": config_with(num_hidden_layers=-1),
+    "hidden_size a dict": config_with(hidden_size={"value": 32}),
+    "hidden_size a bool": config_with(hidden_size=True),
+    "intermediate_size a float": config_with(intermediate_size=64.5),
+    "vocab_size missing": json.dumps({k: v for k, v in TINY_CONFIG.items() if k != "vocab_size"}),
+    "rms_norm_eps NaN": config_with(rms_norm_eps=float("nan")),
+    "eos a string": config_with(eos_token_id="2"),
+    "eos list of strings": config_with(eos_token_id=[2, "3"]),
+    "heads not a multiple of KV heads": config_with(num_key_value_heads=3),
+    "llama3 rope missing a key": config_with(rope_scaling={k: v for k, v in LLAMA3_ROPE.items()
+                                                           if k != "factor"}),
+    "rope_scaling a string": config_with(rope_scaling="llama3"),
+}
+
+
+@pytest.mark.parametrize("content", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_bad_config_names_the_file(tmp_path, content):
+    write_checkpoint(tmp_path, TINY_CONFIG)
+    path = tmp_path / "config.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_null_context_means_the_default(tmp_path):
+    """`max_position_embeddings: null` is HF's "not given": 2048, not an error."""
+    write_checkpoint(tmp_path, {**TINY_CONFIG, "max_position_embeddings": None})
+    assert read_config(tmp_path).max_position_embeddings == 2048
+    assert load_model(tmp_path, max_seq_len=8).cfg.max_position_embeddings == 2048
+
+
+BAD_INDEXES = {
+    "no weight_map": json.dumps({"metadata": {}}),
+    "not JSON": "{weight_map: }",
+    "weight_map to numbers": json.dumps({"weight_map": {"model.norm.weight": 1}}),
+    "a list": "[]",
+}
+
+
+@pytest.mark.parametrize("content", BAD_INDEXES.values(), ids=BAD_INDEXES.keys())
+def test_bad_index_names_the_file(tmp_path, content):
+    write_checkpoint(tmp_path, TINY_CONFIG, shards=2)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(content)
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path)
+    assert str(index) in str(err.value)
+
+
+def test_bad_folders_and_weights(tmp_path):
+    """Missing or broken pieces of a folder: each a CheckpointError that says what is wrong and where."""
+    def fails(match):
+        with pytest.raises(CheckpointError, match=match):
+            load_model(tmp_path)
+
+    with pytest.raises(CheckpointError, match="model folder not found"):
+        load_model(tmp_path / "nope")
+    fails("no config.json")
+    write_checkpoint(tmp_path, TINY_CONFIG, drop="model.layers.1.mlp.up_proj.weight")
+    fails(r"model.layers.1.mlp.up_proj.weight is missing")
+    write_checkpoint(tmp_path, {**TINY_CONFIG, "intermediate_size": 48})
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))  # config disagrees with the weights
+    fails(r"gate_proj.weight has shape \(48, 32\), expected \(64, 32\)")
+    write_checkpoint(tmp_path, TINY_CONFIG)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, tmp_path / "model.safetensors")
+    fails("model.norm.weight holds NaN")
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    fails("cannot read")
+    (tmp_path / "model.safetensors").unlink()
+    fails("no model.safetensors")
+    write_checkpoint(tmp_path, TINY_CONFIG, shards=2)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()                 # a shard the index names is gone
+    fails("cannot read weights")
+
+
+# --- config fields: implemented or refused, never ignored ---------------------------------------------------
+
+REFUSED_FIELDS = {
+    "gelu": ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    "pretraining_tp 2": ({"pretraining_tp": 2}, "pretraining_tp 2"),
+    "quantized": ({"quantization_config": {"quant_method": "gptq", "bits": 4}},
+                  "quantization_config .*quantized checkpoints are not supported"),
+    "dynamic rope (rope_scaling)": ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+                                    "rope_type 'dynamic'"),
+    "longrope (older 'type' key)": ({"rope_scaling": {"type": "longrope", "factor": 2.0}},
+                                    "rope_type 'longrope'"),
+    "the two rope keys disagree": ({"rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                                    "rope_parameters": {"rope_type": "linear", "factor": 4.0}},
+                                   "rope_parameters and rope_scaling disagree"),
+    "rope_theta twice, disagreeing": ({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}},
+                                      "rope_theta 10000.0 and rope_parameters' rope_theta 500.0 disagree"),
+    "partial rotary": ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+    "partial rotary in rope_parameters": ({"rope_parameters": {"rope_type": "default",
+                                                               "partial_rotary_factor": 0.5}},
+                                          "partial_rotary_factor 0.5"),
+    "linear rope without a factor": ({"rope_parameters": {"rope_type": "linear"}},
+                                     "rope_type linear needs positive factor"),
+    "attention_bias a string": ({"attention_bias": "yes"}, "attention_bias must be true or false"),
+    "odd head_dim": ({"head_dim": 7}, "head_dim must be even"),
+}
+
+
+@pytest.mark.parametrize("change, message", REFUSED_FIELDS.values(), ids=REFUSED_FIELDS.keys())
+def test_config_field_is_refused(tmp_path, change, message):
+    write_checkpoint(tmp_path, TINY_CONFIG)
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_CONFIG, **change}))
+    with pytest.raises(CheckpointError, match=f"config.json: {message}"):
+        load_model(tmp_path)
+
+
+def test_harmless_fields_change_nothing(tmp_path):
+    """Fields listed as harmless, and the same RoPE said under both keys, give the plain model's logits."""
+    write_checkpoint(tmp_path / "plain", TINY_CONFIG)
+    write_checkpoint(tmp_path / "extra", {**TINY_CONFIG, "attention_dropout": 0.1, "initializer_range": 0.5,
+                                          "use_cache": False, "pad_token_id": 0, "torch_dtype": "bfloat16",
+                                          "hidden_act": "silu", "pretraining_tp": 1, "rope_theta": None,
+                                          "rope_scaling": {"type": "default"},
+                                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    tokens = torch.arange(20)
+    plain, extra = load_model(tmp_path / "plain", 32), load_model(tmp_path / "extra", 32)
+    assert torch.equal(extra(tokens, 0), plain(tokens, 0))
+
+
+def test_rope_rescaling_tables():
+    """linear: position p with factor 4 turns like position p/4 unscaled. llama3 (as Llama 3.1: 8192 trained
+    positions): the shortest wavelength (first pair, ~6) is kept, the longest (last pair, ~20000) slowed by
+    `factor`."""
+    plain = rope_tables(LlamaConfig(head_dim=16, rope_theta=1e4), 64)[0]
+    linear = rope_tables(LlamaConfig(head_dim=16, rope_theta=1e4,
+                                     rope_scaling={"rope_type": "linear", "factor": 4.0}), 64)[0]
+    assert torch.allclose(linear[::4], plain[:16], atol=1e-6) and not torch.allclose(linear[:16], plain[:16])
+    scaling = {**LLAMA3_ROPE, "original_max_position_embeddings": 8192}
+    llama3 = rope_tables(LlamaConfig(head_dim=16, rope_theta=1e4, rope_scaling=scaling), 64)[0]
+    assert torch.allclose(llama3[:, 0], plain[:, 0])
+    assert torch.allclose(llama3[::8, 7], plain[:8, 7], atol=1e-6)
+
+
+# --- tensors: floats of a known kind, each one used --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32, torch.float8_e4m3fn])
+def test_non_float_tensor_is_refused(tmp_path, dtype):
+    write_checkpoint(tmp_path, TINY_CONFIG)
+    name = "model.layers.1.mlp.down_proj.weight"
+    add_tensors(tmp_path, **{name.replace(".", "__"): torch.ones(32, 64).to(dtype)})
+    kind = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=f"{name} has dtype {kind}: quantized checkpoints are not"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_loads_into_the_dtype_asked(tmp_path, dtype):
+    write_checkpoint(tmp_path, TINY_CONFIG)
+    hf = {n: t.to(dtype) for n, t in load_file(tmp_path / "model.safetensors").items()}
+    save_file(hf, tmp_path / "model.safetensors")
+    model = load_model(tmp_path, max_seq_len=8, dtype=torch.float32)
+    assert model.layers[1].w_down.dtype == torch.float32
+    assert torch.equal(model.layers[1].w_down, hf["model.layers.1.mlp.down_proj.weight"].float().T)
+
+
+def test_finiteness_is_checked_in_the_dtype_loaded(tmp_path):
+    """A finite fp32 weight that overflows float16 is caught after the conversion, not before."""
+    write_checkpoint(tmp_path, TINY_CONFIG)
+    add_tensors(tmp_path, model__norm__weight=torch.full((32,), 1e5))
+    load_model(tmp_path, max_seq_len=8)                                            # fine in float32
+    with pytest.raises(CheckpointError, match=r"norm.weight holds NaN or infinite values \(in torch.float16"):
+        load_model(tmp_path, max_seq_len=8, dtype=torch.float16)
+
+
+def test_unused_tensors(tmp_path):
+    """A tensor the model would not read is an error naming it (biases without attention_bias included);
+    the known harmless ones load: old RoPE buffers, a tied model's lm_head."""
+    write_checkpoint(tmp_path, TINY_CONFIG)
+    add_tensors(tmp_path, model__layers__0__self_attn__rotary_emb__inv_freq=torch.ones(4))
+    load_model(tmp_path, max_seq_len=8)
+    add_tensors(tmp_path, model__layers__1__self_attn__q_proj__bias=torch.zeros(32))
+    with pytest.raises(CheckpointError, match=r"tensor model.layers.1.self_attn.q_proj.bias is not used"):
+        load_model(tmp_path)
+    write_checkpoint(tmp_path, {**TINY_CONFIG, "tie_word_embeddings": True})
+    add_tensors(tmp_path, lm_head__weight=torch.zeros(100, 32))
+    assert torch.equal(load_model(tmp_path, max_seq_len=8).lm_head,
+                       load_file(tmp_path / "model.safetensors")["model.embed_tokens.weight"].T)
+    add_tensors(tmp_path, model__layers__0__mlp__extra_proj__weight=torch.zeros(3),
+                model__layers__1__self_attn__q_norm__weight=torch.zeros(3))
+    with pytest.raises(CheckpointError, match=r"tensor model.layers.0.mlp.extra_proj.weight \(and 1 more\)"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("content, line", [(b'{\n  "model_type": "llama",\n  "name": "\xff"\n}', 3),
+                                           (b'\xfe{}', 1)])
+def test_json_that_is_not_utf8_names_file_and_line(tmp_path, content, line):
+    write_checkpoint(tmp_path, TINY_CONFIG, shards=2)
+    for name in ("config.json", "model.safetensors.index.json"):
+        good = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"{tmp_path / name}: line {line} is not valid UTF-8"):
+            load_model(tmp_path)
+        (tmp_path / name).write_bytes(good)
