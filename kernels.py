@@ -112,7 +112,10 @@ def fine_mlp(x, mlp, k, *, plan=None):
     The "gather" plan reads a neuron's up weights as one contiguous row of `mlp.up_rows` (W_up neuron-major,
     made once at load). Equal to `fine_mlp_reference` up to rounding."""
     D, b_down = mlp.w_down.shape[0], getattr(mlp, "b_down", None)
-    plan = plan or fine_plan(x, k, D)
+    if plan is None:
+        plan = fine_plan(x, k, D)
+        if plan == "gather" and getattr(mlp, "up_rows", None) is None:
+            plan = "gather_down"                   # a model without W_up neuron-major reads W_up whole
     if plan == "gather":
         if getattr(mlp, "up_rows", None) is None:
             raise ValueError("fine_mlp's gather plan needs mlp.up_rows: W_up as (D, h) neuron rows")

@@ -1,64 +1,129 @@
 """Generation with contextual sparsity, and Sirius: the sparse model writes, the full model corrects.
 
-Greedy decoding, batch 1. Works with any model that has `forward(tokens, start_pos, mlp=None, *,
-positions=None, mask=None)` over a KV cache addressed by absolute position (slot), `move_kv(slots, start)`,
-`cfg` (Hugging Face config names) and `layers[i].w_gate_up / w_down` (model.py's layout). The sparse model
-is the same weights with a sparse MLP passed as `mlp`.
-Read top to bottom: the sparse MLPs and the prefill, plain greedy decoding, the metrics, the acceptance
-rule, one Sirius period (a chain for width 1, a tree for wider), and the loop over periods.
+Batch 1, greedy by default (temperature 0, as in the paper), sampling with a temperature and top-p.
+The sparse model is the full model's own weights with a sparse MLP passed through the model's MLP seam, so
+both share one KV cache. What this file needs of a model is written down in `Model` below: `model.py`'s
+Llama meets it, and so does the small stand-in in tests/test_sirius.py.
+
+Read top to bottom: the contract, choosing a token, the two sparse MLPs and the prefill, plain decoding, the
+metrics, then Sirius: the acceptance rules, drafting (a chain, or a tree of width w), one period (draft,
+verify, keep a path), and the loop over periods. On a GPU each Sirius period waits for the device once
+(one small packed read-back) and plain decoding once per token; drafting and verifying never wait.
 """
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from kernels import (SPARSITIES, dense_mlp, density, fine_mlp, griffin_scores, n_kept, select_coarse,
-                     slice_mlp, swiglu)
+from kernels import SPARSITIES, check_keep, dense_mlp, density, fine_mlp, griffin_scores, n_kept, \
+    select_coarse, slice_mlp, swiglu
 
 ACCEPT_TEMPERATURE = 0.6  # the paper's code scores drafts with softmax(logits / 0.6); fixed, not tuned
+
+
+class Model(Protocol):
+    """What sirius_min.py needs of a model: a decoder over a KV cache addressed by slot, and an MLP seam.
+
+    `model(tokens, start_pos, mlp, positions=, mask=, last_only=)` runs tokens (T,) in cache slots
+    start_pos.., writing their keys and values, and returns logits (T, V) ((1, V) with last_only). Slots
+    beyond start_pos+T are ignored, so rolling back is just starting the next pass earlier. `mlp(i, x)`, if
+    given, replaces layer i's MLP for that pass. A tree passes each token's RoPE `positions` (T,) and a bool
+    `mask` (T, start_pos+T) of the slots it may see. `move_kv(slots, start)` copies cached keys and values.
+    `layers[i]` holds the MLP weights kernels.py reads (w_gate_up, w_down; optional biases and up_rows), and
+    `cfg` the Hugging Face config fields kernels.density counts (hidden_size, intermediate_size, ...).
+    """
+    cfg: Any
+    max_seq_len: int
+    layers: Sequence[Any]
+
+    def __call__(self, tokens, start_pos, mlp=None, *, positions=None, mask=None, last_only=False): ...
+
+    def move_kv(self, slots, start): ...
+
+
+# --- choosing a token: the one place logits become a token ----------------------------------------
+
+@dataclass
+class Sampling:
+    """How tokens are chosen: greedy at temperature 0, else sampled from the top-p nucleus at temperature T."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None  # on the logits' device; None: a fresh, randomly seeded one
+
+    @property
+    def greedy(self):
+        return self.temperature == 0
+
+
+def token_probs(logits, sampling: Sampling):
+    """The distribution a token is sampled from (..., V), fp32: softmax(logits / T) cut to the smallest set
+    of most likely tokens whose probability reaches top_p (the nucleus), renormalised."""
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs                   # mass of the likelier tokens
+        sorted_probs = sorted_probs.masked_fill(before >= sampling.top_p, 0)  # the likeliest always stays
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs, generator):
+    """One token per row of probs (..., V), without waiting for the device: the index of the largest
+    p_i / E_i with E_i ~ Exp(1) is token i with probability p_i (the "exponential race")."""
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
+    return (probs / race).argmax(-1)
+
+
+def choose_token(logits, sampling: Sampling):
+    """Logits (..., V) -> token ids (...): the argmax when greedy, else a sample from `token_probs`."""
+    if sampling.greedy:
+        return logits.argmax(-1)
+    return sample(token_probs(logits, sampling), sampling.generator)
+
+
+def check_sampling(temperature, top_p, generator, device) -> Sampling:
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if generator is None and temperature > 0:
+        generator = torch.Generator(device)
+        generator.seed()
+    return Sampling(float(temperature), float(top_p), generator)
 
 
 # --- the two sparse MLPs (drop-in for the model's MLP seam) ----------------------------------------
 
 class FineMLP:
-    """Fine-grained sparsity: every token, every layer keeps its own top-k neurons by |SiLU(gate)|.
-
-    On a CPU a decode step reads only the kept neurons' up rows (kernels.fine_plan), which needs W_up a
-    second time in neuron-major (D, h) order: the first FineMLP of a model adds it to every layer as
-    `up_rows`, and later requests reuse it. Elsewhere the fused (h, 2D) matrix is used and nothing is added.
-    """
+    """Fine-grained sparsity: every token, in every layer, keeps its own top-k neurons by |SiLU(gate)|."""
 
     def __init__(self, model, keep: float):
-        self.model, self.k = model, n_kept(model.cfg.intermediate_size, keep)
-        D, w = model.cfg.intermediate_size, model.layers[0].w_gate_up
-        if w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64):
-            for L in model.layers:
-                if getattr(L, "up_rows", None) is None:
-                    L.up_rows = L.w_gate_up[:, D:].T.contiguous()                 # (D, h)
+        self.layers, self.k = model.layers, n_kept(model.cfg.intermediate_size, keep)
 
     def __call__(self, i, x):
-        L = self.model.layers[i]
-        return fine_mlp(x, L.w_gate_up, L.w_down, self.k, getattr(L, "up_rows", None))
+        return fine_mlp(x, self.layers[i], self.k)
 
 
 class CoarseMLP:
-    """Coarse-grained sparsity (GRIFFIN): neurons chosen once from the prompt, weights sliced once.
+    """Coarse-grained sparsity (GRIFFIN): neurons chosen once from the prompt, their weights sliced once.
 
     `idx[i]` is layer i's selection for the whole request; every sparse step is then a smaller dense MLP.
+    The slices are new tensors: 3·h·k numbers per layer for as long as the request runs.
     """
 
     def __init__(self, model, scores: list, keep: float):
         k = n_kept(model.cfg.intermediate_size, keep)
         self.idx = [select_coarse(s, k) for s in scores]
-        self.weights = [slice_mlp(L.w_gate_up, L.w_down, idx) for L, idx in zip(model.layers, self.idx)]
+        self.sliced = [slice_mlp(layer, idx) for layer, idx in zip(model.layers, self.idx)]
 
     def __call__(self, i, x):
-        return dense_mlp(x, *self.weights[i])
+        return dense_mlp(x, self.sliced[i])
 
 
-def prefill(model, prompt, sparsity="dense", keep=0.5):
-    """The dense pass over the prompt: its last logits, and the request's sparse MLP (None if dense).
+def prefill_and_sparse_mlp(model, prompt, sparsity="dense", keep=0.5):
+    """The dense pass over the prompt: its last logits (1, V), and the request's sparse MLP (None if dense).
 
     For coarse sparsity this is where the neurons are chosen, once, from the SwiGLU activations of every
     prompt token: later multi-token passes (Sirius verification) are dense and never re-select.
@@ -67,18 +132,21 @@ def prefill(model, prompt, sparsity="dense", keep=0.5):
         raise ValueError(f"unknown sparsity {sparsity!r}: expected one of {', '.join(SPARSITIES)}")
     if len(prompt) < 1:
         raise ValueError("the prompt is empty")
-    n_kept(model.cfg.intermediate_size, keep)                             # checks keep
+    check_keep(keep)
     if sparsity != "coarse":
-        return model(prompt, 0)[-1], FineMLP(model, keep) if sparsity == "fine" else None
+        sparse_mlp = FineMLP(model, keep) if sparsity == "fine" else None
+        return model(prompt, 0, last_only=True), sparse_mlp
     scores = [None] * len(model.layers)
 
-    def scoring_mlp(i, x):  # the dense MLP, keeping each layer's neuron scores on the way
-        z = swiglu(x, model.layers[i].w_gate_up)                           # (T, D)
+    def scoring_mlp(i, x):  # layer i's dense MLP, keeping its neuron scores on the way
+        layer = model.layers[i]
+        z = swiglu(x, layer)                                               # (T, D) activations
         scores[i] = griffin_scores(z)
-        return z @ model.layers[i].w_down
+        out = z @ layer.w_down
+        return out if getattr(layer, "b_down", None) is None else out + layer.b_down
 
-    logits = model(prompt, 0, mlp=scoring_mlp)
-    return logits[-1], CoarseMLP(model, scores, keep)
+    logits = model(prompt, 0, mlp=scoring_mlp, last_only=True)
+    return logits, CoarseMLP(model, scores, keep)
 
 
 def clock(device):
@@ -133,173 +201,292 @@ def effective_density(density, period, aal):
 def full_model_nll(model, prompt, tokens):
     """Mean negative log-likelihood of `tokens` after `prompt` under the full model: how plausible the
     full model finds a continuation, whoever wrote it (lower is closer to what it would have said)."""
-    seq = torch.cat([prompt, torch.tensor(tokens, device=prompt.device)])
-    logits = model(seq[:-1], 0)[len(prompt) - 1:]                         # predictions for `tokens`
-    return float(F.cross_entropy(logits.float(), seq[len(prompt):]))
+    sequence = torch.cat([prompt, torch.tensor(tokens, device=prompt.device)])
+    logits = model(sequence[:-1], 0)[len(prompt) - 1:]                     # the predictions of `tokens`
+    return float(torch.nn.functional.cross_entropy(logits.float(), sequence[len(prompt):]))
 
 
-# --- plain greedy decoding (dense or sparse) ------------------------------------------------------
+# --- plain decoding (dense or sparse) ------------------------------------------------------------
 
-def generate(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="dense", keep=0.5, on_token=None):
-    """Greedy decoding, one token per forward pass, dense or with a sparse MLP after the dense prefill."""
+def check_length(max_new_tokens):
     if type(max_new_tokens) is not int or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-    logits, mlp = prefill(model, prompt, sparsity, keep)
-    tok, pos, out = int(logits.argmax()), len(prompt), []
+
+
+def check_fits(model, slots_needed):
+    if slots_needed > model.max_seq_len:
+        raise ValueError(f"the request needs {slots_needed} cache slots; the model has {model.max_seq_len}")
+
+
+def one_token_step(model, compile, device):
+    """The one-token pass of plain decoding and of a chain's drafting: `step(token (1,), pos, mlp)`.
+
+    Eagerly it is the model itself. With compile (for CUDA), torch.compile(mode="reduce-overhead") captures
+    it in a CUDA graph; so that one graph serves every position, the position goes in as a 0-dim device
+    tensor (a view into a table of slot ids: no copy from the host), which selects the model's static-shape
+    path (it attends over the whole cache with a mask instead of slicing it).
+    """
+    if not compile:
+        return lambda token, pos, mlp=None: model(token, pos, mlp=mlp)
+    compiled, slot_ids = torch.compile(model, mode="reduce-overhead"), torch.arange(model.max_seq_len,
+                                                                                    device=device)
+    return lambda token, pos, mlp=None: compiled(token, slot_ids[pos], mlp=mlp)
+
+
+def generate(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="dense", keep=0.5, temperature=0.0,
+             top_p=1.0, generator=None, compile=False, on_token=None):
+    """Decoding one token per forward pass, dense or with a sparse MLP after the dense prefill.
+    on_token(token, from_full) sees every token as it is chosen; the host waits for each (one sync)."""
+    check_length(max_new_tokens)
+    check_fits(model, cache_slots(len(prompt), max_new_tokens))
+    sampling = check_sampling(temperature, top_p, generator, prompt.device)
+    logits, sparse_mlp = prefill_and_sparse_mlp(model, prompt, sparsity, keep)
+    step = one_token_step(model, compile, prompt.device)
+    token, pos, out = choose_token(logits[-1], sampling), len(prompt), []
     start = clock(prompt.device)
     while True:
-        out.append(tok)
+        out.append(int(token))                                             # the host waits here
         if on_token:
-            on_token(tok, mlp is None or len(out) == 1)
-        if tok in eos_ids or len(out) == max_new_tokens:
+            on_token(out[-1], sparse_mlp is None or len(out) == 1)
+        if out[-1] in eos_ids or len(out) == max_new_tokens:
             break
-        tok = int(model(torch.tensor([tok], device=prompt.device), pos, mlp=mlp)[-1].argmax())
-        pos += 1
-    return Result(out, [True] + [mlp is None] * (len(out) - 1), density(model.cfg, keep, sparsity),
+        logits = step(token.view(1), pos, sparse_mlp)                          # (1, V)
+        token, pos = choose_token(logits[-1], sampling), pos + 1
+    return Result(out, [True] + [sparse_mlp is None] * (len(out) - 1), density(model.cfg, keep, sparsity),
                   decode_s=clock(prompt.device) - start)
 
 
-# --- Sirius ---------------------------------------------------------------------------------------
+# --- Sirius: which drafts the full model keeps -----------------------------------------------------
+# Each draft d_i was proposed after node i-1 of its path; the full model's logits z_{i-1} at that node
+# judge it. Three rules:
+#   threshold (the paper's): keep d_i if softmax(z_{i-1} / 0.6)[d_i] >= threshold. Lossy by design: a
+#       plausible token the full model would not have chosen is kept.
+#   argmax (strict, greedy): keep d_i if it is the full model's argmax; the output is dense greedy decoding.
+#   speculative (strict, sampling): keep d_i with probability min(1, p(d_i) / q(d_i)), p the full and q the
+#       sparse model's sampling distributions; the output is distributed exactly as full-model sampling.
+# The longest kept prefix d_1..d_a stands; then the full model adds one token of its own.
 
-def accept_length(logits, drafts, threshold, strict=False, temperature=ACCEPT_TEMPERATURE):
-    """How many drafts the full model keeps, the token it adds after them, and the drafts' probabilities.
+def rule_name(strict, sampling: Sampling):
+    return ("speculative" if not sampling.greedy else "argmax") if strict else "threshold"
 
-    logits (n, V): the full model's logits at the n window positions; drafts (n-1,): d_1..d_{n-1},
-    where d_i was drafted after position i-1. A draft is plausible if the full model gives it
-    probability >= threshold at temperature 0.6 (strict: if it is the full model's argmax). The
-    longest plausible prefix d_1..d_a is kept; the full model's argmax after it is appended: a
-    correction if a < n-1, a bonus token if every draft was kept. Returns (a, appended, p); p is None
-    in strict mode, which needs no softmax.
+
+def acceptance_probs(logits, parent, tokens):
+    """p(d) at the acceptance temperature 0.6 for every node (N,): the full model's probability of each
+    node's token, read from its parent's logits (the root's own entry is meaningless and never used)."""
+    logp = torch.log_softmax(logits.float() / ACCEPT_TEMPERATURE, dim=-1)  # (N, V)
+    return logp[parent, tokens].exp()
+
+
+def keep_drafts(logits, parent, tokens, rule, threshold, sampling, draft_probs=None):
+    """Which nodes' drafts pass the rule (N,) bool, and for "speculative" the full model's p at the
+    sampling temperature (N, V), which the correction is sampled from."""
+    if rule == "threshold":
+        return acceptance_probs(logits, parent, tokens) >= threshold, None
+    if rule == "argmax":
+        return logits[parent].argmax(-1) == tokens, None
+    p = token_probs(logits, sampling)                                      # (N, V) full model
+    p_draft, q_draft = p[parent, tokens], draft_probs.gather(-1, tokens[:, None])[:, 0]
+    u = torch.rand(len(tokens), device=logits.device, generator=sampling.generator)
+    return u * q_draft < p_draft, p                                        # u < p/q, without dividing
+
+
+def longest_kept_prefix(kept_along_path):
+    """(w, K-1) bool -> (w,) a: how many drafts of each path are kept before its first rejected one."""
+    return kept_along_path.int().cumprod(dim=-1).sum(dim=-1)
+
+
+def next_token_distribution(p, q, accepted):
+    """Speculative sampling's next token, as a distribution: after a rejection at node `accepted`'s child,
+    normalise(max(0, p - q)) at that node (the residual); after every draft was kept, p itself."""
+    residual = (p[:-1] - q).clamp_min(0)                                   # (K-1, V)
+    residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-20)
+    return torch.cat([residual, p[-1:]]).index_select(0, accepted.view(1))[0]
+
+
+# --- Sirius: drafting a chain or a tree -----------------------------------------------------------
+# The window of one period holds N = 1 + (K-1)·w nodes: node 0 is t0 (the last emitted token) and depth d
+# (1 .. K-1) holds nodes 1 + (d-1)·w .. d·w. Node j sits in cache slot pos + j and has RoPE position
+# pos + depth(j). A chain is the tree with w = 1: node j is at depth j and its parent is node j-1.
+
+def depth_nodes(depth, width):
+    """The node ids at `depth` (a range): the root alone at depth 0, else w nodes."""
+    return range(0, 1) if depth == 0 else range(1 + (depth - 1) * width, 1 + depth * width)
+
+
+def tree_view(sees, pos, nodes, depth_of_node, width):
+    """forward()'s `positions` and `mask` for `nodes` (a range of node ids) in slots pos + nodes: each
+    token's RoPE position is pos + its depth, and it sees the verified prefix and its own ancestors.
+    A chain needs neither: its slot order is its position order and causal attention is right."""
+    if width == 1:
+        return {}
+    prefix = torch.ones(len(nodes), pos, dtype=torch.bool, device=sees.device)
+    return {"positions": pos + depth_of_node[nodes.start:nodes.stop],
+            "mask": torch.cat([prefix, sees[nodes.start:nodes.stop, :nodes.stop]], dim=-1)}
+
+
+@dataclass
+class Tree:
+    tokens: torch.Tensor          # (N,) node tokens
+    parent: torch.Tensor          # (N,) each node's parent (the root points at itself)
+    depth: torch.Tensor           # (N,) each node's depth
+    sees: torch.Tensor            # (N, N) bool: sees[i, j] if node j is node i or one of its ancestors
+    draft_probs: torch.Tensor | None = None  # (N, V) the sparse model's distribution at each node, sampled
+
+
+def draft_tree(model, sparse_mlp, t0, pos, period, width, sampling: Sampling, keep_probs=False, step=None):
+    """The sparse model drafts K-1 depths below t0, one pass per depth, each pass over the previous depth.
+
+    A chain (w = 1) appends the sparse model's chosen token (greedy or sampled). A tree keeps a beam: each
+    of the w nodes of a depth proposes its top-w children by log_softmax(z / 0.6), and of those w·w the w
+    with the highest cumulative log-probability become the next depth, best first. `step`: a chain's
+    one-token pass (`one_token_step`), the model itself by default.
     """
-    z, p = logits.float(), None
-    if strict:
-        ok = z[:-1].argmax(-1) == drafts
-    else:
-        p = torch.softmax(z[:-1] / temperature, dim=-1).gather(-1, drafts[:, None])[:, 0]  # (n-1,)
-        ok = p >= threshold
-    a = int(ok.int().cumprod(0).sum())
-    return a, int(z[a].argmax()), p
+    N, device = 1 + (period - 1) * width, t0.device
+    depth = torch.cat([torch.zeros(1, dtype=torch.long, device=device),
+                       torch.arange(1, period, device=device).repeat_interleave(width)])
+    tree = Tree(tokens=t0.view(1).repeat(N), parent=torch.zeros(N, dtype=torch.long, device=device),
+                depth=depth, sees=torch.eye(N, dtype=torch.bool, device=device))
+    if keep_probs:
+        tree.draft_probs = torch.zeros(N, model.cfg.vocab_size, device=device)
+    beam_score = torch.zeros(1, device=device)          # cumulative log-prob of each node of the last depth
+    for d in range(1, period):
+        above, below = depth_nodes(d - 1, width), depth_nodes(d, width)   # run `above`, fill `below`
+        tokens = tree.tokens[above.start:above.stop]
+        if width == 1:  # a chain: the sparse model's own next token, greedy or sampled
+            logits = (step or model)(tokens, pos + above.start, sparse_mlp)                       # (1, V)
+            new_tokens, parents = choose_token(logits, sampling), torch.full((1,), above.start, device=device)
+            if keep_probs:
+                tree.draft_probs[below.start] = token_probs(logits[0], sampling)
+        else:           # a tree: of the w·w children of depth d-1, the w likeliest paths
+            logits = model(tokens, pos + above.start, mlp=sparse_mlp,
+                           **tree_view(tree.sees, pos, above, depth, width))                     # (w, V)
+            logp, proposals = torch.log_softmax(logits.float() / ACCEPT_TEMPERATURE, -1).topk(width, dim=-1)
+            path_score = (beam_score[:, None] + logp).flatten()              # (len(above) * w,) candidates
+            beam_score, best = path_score.topk(width)                         # the best w, best first
+            new_tokens, parents = proposals.flatten()[best], above.start + best // width   # row = parent
+        tree.tokens[below.start:below.stop] = new_tokens
+        tree.parent[below.start:below.stop] = parents
+        tree.sees[below.start:below.stop] |= tree.sees[parents]           # a child sees what its parent sees
+    return tree
 
+
+def root_to_leaf_paths(tree, period, width):
+    """(w, K) node ids, one row per path from the root to a deepest node, best beam first: walk the parent
+    pointers up from the leaves."""
+    paths = torch.zeros(width, period, dtype=torch.long, device=tree.tokens.device)
+    deepest = depth_nodes(period - 1, width)
+    paths[:, -1] = torch.arange(deepest.start, deepest.stop, device=tree.tokens.device)
+    for d in range(period - 1, 0, -1):
+        paths[:, d - 1] = tree.parent[paths[:, d]]
+    return paths
+
+
+# --- Sirius: one period -----------------------------------------------------------------------------
 
 @dataclass
 class Period:
     """One verification, for a trace (`on_period`): the chosen path and what the full model made of it."""
     pos: int             # the cache slot (and position) of t0
-    window: list         # t0, then the chosen beam's drafts d_1..d_{n-1}
-    probs: list          # the full model's p(d_i) at the acceptance temperature
+    window: list         # t0, then the chosen path's drafts d_1..d_{K-1}
+    probs: list          # the full model's p(d_i) at the acceptance temperature 0.6
     accepted: int        # a: drafts kept
-    appended: int        # the full model's token after them: a correction if a < n-1, else a bonus
-    beams: list          # a of each of the w beams (one entry for a chain)
-    chosen: int          # index of the chosen beam
+    appended: int        # the full model's token after them: a correction if a < K-1, else a bonus
+    beams: list          # a of each of the w paths (one entry for a chain)
+    chosen: int          # index of the chosen path
+    rule: str            # "threshold", "argmax" or "speculative"
+    target_probs: list | None = None   # speculative: p(d_i), the full model at the sampling temperature
+    draft_probs: list | None = None    # speculative: q(d_i), the sparse model that drafted it
 
 
-def draft_tree(model, mlp, t0, pos, n, width):
-    """The sparse model drafts a fixed-width tree of depth n-1 below t0, with one pass per depth.
+def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1, strict=False,
+                  sampling=None, record=False, step=None):
+    """One period: draft, verify every draft in one full-model pass, keep the best path, add one token.
 
-    Node j sits in cache slot pos+j: the root t0 is node 0, depth d holds nodes 1+(d-1)w .. d*w. Depth d
-    comes from running the sparse model on depth d-1 (all of its w nodes in one pass, each seeing the
-    verified prefix and its own ancestors): each node proposes its top-w children by log_softmax(z / 0.6),
-    and of those w*w, the w with the highest cumulative log-probability survive, best first. With w = 1
-    this is plain greedy drafting. Returns the nodes' tokens (N,) and ancestor matrix (N, N) bool:
-    anc[i, j] = node j is node i or one of its ancestors. Stays on the device: no host synchronisation.
+    t0 (a device tensor: the last emitted token, not yet in the cache) goes to slot pos, the drafts after
+    it, writing sparse keys and values; the full model's pass rewrites all those slots with its own. Of the
+    w paths the one with the longest kept prefix wins (ties: the likelier path); its nodes' keys and values
+    move to slots pos..pos+a (a chain's are already there). Everything up to one read-back stays on the
+    device. Returns (kept drafts, next token as int and as a device tensor, Period or None); the cache is
+    then valid through t0 and the kept drafts, and the next period starts right after them ("roll back").
     """
-    N, dev = 1 + (n - 1) * width, t0.device
-    tokens, anc = t0.repeat(N), torch.eye(N, dtype=torch.bool, device=dev)
-    score = torch.zeros(1, device=dev)                                   # cumulative log-prob of each leaf
-    for d in range(1, n):
-        lo, hi = (0, 1) if d == 1 else (1 + (d - 2) * width, 1 + (d - 1) * width)   # depth d-1's nodes
-        z = model(tokens[lo:hi], pos + lo, mlp=mlp, **tree_attention(anc, pos, lo, hi, width))   # (hi-lo, V)
-        logp, child = torch.log_softmax(z.float() / ACCEPT_TEMPERATURE, -1).topk(width, dim=-1)  # (hi-lo, w)
-        cand = (score[:, None] + logp).flatten()                           # ((hi-lo)*w,) candidates
-        score, best = cand.topk(width)                                     # the best w, best first
-        new = slice(1 + (d - 1) * width, 1 + d * width)
-        tokens[new] = child.flatten()[best]
-        anc[new] |= anc[lo + best // width]                                # inherit the parent's ancestors
-    return tokens, anc
-
-
-def tree_attention(anc, pos, lo, hi, width):
-    """forward()'s `positions` and `mask` for nodes lo..hi-1 in slots pos+lo..: RoPE position = pos + depth,
-    sight = the verified prefix + the node's ancestors. A chain (w = 1) is plain causal order: no mask."""
-    if width == 1:
-        return {}
-    depth = anc[lo:hi, :hi].sum(-1) - 1
-    prefix = torch.ones(hi - lo, pos, dtype=torch.bool, device=anc.device)
-    return {"positions": pos + depth, "mask": torch.cat([prefix, anc[lo:hi, :hi]], dim=-1)}
-
-
-def sirius_period(model, mlp, t0, pos, n, *, width=1, threshold=0.1, strict=False, record=False):
-    """One period: the sparse model drafts, the full model checks every draft in one pass, a path is kept.
-
-    t0 (the last emitted token, not yet in the cache) goes to slot pos; the drafts go after it, writing
-    sparse KV. The full model's pass rewrites all those slots with its own keys and values. Of the w
-    beams (root-to-leaf paths), the one with the longest accepted prefix wins (ties: the likelier beam);
-    its nodes' keys and values move to slots pos..pos+a (for a chain they are already there). Returns
-    (kept drafts, next token, Period or None). The cache is then valid through t0 and the kept drafts:
-    the caller "rolls back" by starting the next window right after them (nothing is copied).
-    """
-    tokens, anc = draft_tree(model, mlp, t0.view(1), pos, n, width)
-    logits = model(tokens, pos, **tree_attention(anc, pos, 0, len(tokens), width))    # full model, (N, V)
-    leaves = anc[len(tokens) - width:] if n > 1 else anc                   # the deepest nodes, best first
-    paths = leaves.nonzero()[:, 1].view(len(leaves), n)                    # (w, n) node ids, root first
-    checks = [accept_length(logits[path], tokens[path[1:]], threshold, strict) for path in paths]
-    b = max(range(len(paths)), key=lambda i: checks[i][0])                 # first longest: likelier beam
-    a, nxt, p = checks[b]
-    path = paths[b]
+    sampling = sampling or Sampling()
+    rule = rule_name(strict, sampling)
+    tree = draft_tree(model, sparse_mlp, t0, pos, period, width, sampling, rule == "speculative", step)
+    nodes = range(0, len(tree.tokens))
+    logits = model(tree.tokens, pos, **tree_view(tree.sees, pos, nodes, tree.depth, width))   # (N, V) full
+    kept, p_full = keep_drafts(logits, tree.parent, tree.tokens, rule, threshold, sampling, tree.draft_probs)
+    paths = root_to_leaf_paths(tree, period, width)                        # (w, K)
+    accepted = longest_kept_prefix(kept[paths[:, 1:]])                     # (w,) a per path
+    best = accepted.argmax().view(1)                                       # first longest: likelier path
+    path, a = paths.index_select(0, best)[0], accepted.index_select(0, best)
+    last_kept = path.index_select(0, a)                                    # node after which to add a token
+    if rule == "speculative":
+        q = tree.draft_probs[path[1:]]                                     # (K-1, V)
+        next_token = sample(next_token_distribution(p_full[path], q, a), sampling.generator).view(1)
+    else:
+        next_token = choose_token(logits.index_select(0, last_kept), sampling)
+    packed = torch.cat([best, a, next_token, tree.tokens[path[1:]]]).tolist()   # the one host sync
+    b, a, nxt, drafts = packed[0], packed[1], packed[2], packed[3:]
     if width > 1:
         model.move_kv(pos + path[:a + 1], pos)                             # the back-gather
-    period = None
-    if record:  # only for a trace: the probabilities strict mode skipped, and host-side lists
-        if p is None:
-            p = accept_length(logits[path], tokens[path[1:]], threshold)[2]
-        period = Period(pos, tokens[path].tolist(), p.tolist(), a, nxt, [c[0] for c in checks], b)
-    return tokens[path[1:a + 1]].tolist(), nxt, period
+    record_ = None
+    if record:  # only for a trace: more read-backs, off the hot path
+        p06 = acceptance_probs(logits, tree.parent, tree.tokens)[path[1:]].tolist()
+        record_ = Period(pos, [int(t0)] + drafts, p06, a, nxt, accepted.tolist(), b, rule)
+        if rule == "speculative":
+            record_.target_probs = p_full[path[:-1], tree.tokens[path[1:]]].tolist()
+            record_.draft_probs = tree.draft_probs[path[1:], tree.tokens[path[1:]]].tolist()
+    return drafts[:a], nxt, next_token, record_
 
 
 def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0.5, period=16, width=1,
-           threshold=0.1, strict=False, on_token=None, on_period=None):
+           threshold=0.1, strict=False, temperature=0.0, top_p=1.0, generator=None, compile=False,
+           on_token=None, on_period=None):
     """Sirius generation: sparse drafts, corrected every `period` tokens by one full-model pass.
 
-    on_token(token, from_full) sees every emitted token; on_period(Period) sees every verification.
-    The cache needs prompt + max_new_tokens + (period-1)*(width-1) slots (`cache_slots`).
+    Every window is a full K-token window, as in the paper's code: the last one may run past
+    max_new_tokens, and what it gains beyond is dropped. on_token(token, from_full) sees every emitted
+    token; on_period(Period) sees every verification.
     """
     if sparsity not in ("fine", "coarse"):
         raise ValueError(f"Sirius corrects a sparse model: sparsity must be fine or coarse, got {sparsity!r}")
-    if any(type(n) is not int for n in (max_new_tokens, period, width)) or max_new_tokens < 1 or period < 2 \
-            or width < 1 or not 0 <= threshold <= 1:
-        raise ValueError("need whole numbers max_new_tokens >= 1, period >= 2, width >= 1 and a threshold in "
-                         f"[0, 1]; got {max_new_tokens}, {period}, {width}, {threshold}")
-    if cache_slots(len(prompt), max_new_tokens, period, width) > model.max_seq_len:
-        raise ValueError(f"the model's cache ({model.max_seq_len}) is too small for this request")
-    logits, mlp = prefill(model, prompt, sparsity, keep)
+    check_length(max_new_tokens)
+    if type(period) is not int or period < 2:
+        raise ValueError(f"period must be a whole number >= 2, got {period!r}")
+    if type(width) is not int or width < 1:
+        raise ValueError(f"width must be a whole number >= 1, got {width!r}")
+    if not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+    sampling = check_sampling(temperature, top_p, generator, prompt.device)
+    if not sampling.greedy and width > 1:
+        raise ValueError("sampling drafts a chain: width must be 1 when temperature > 0")
+    check_fits(model, cache_slots(len(prompt), max_new_tokens, period, width))
+    logits, sparse_mlp = prefill_and_sparse_mlp(model, prompt, sparsity, keep)
+    step = one_token_step(model, compile, prompt.device) if width == 1 else None
     res = Result([], [], density(model.cfg, keep, sparsity), period, width)
-    tok, pos = int(logits.argmax()), len(prompt)                          # first token: full model
+    t0 = choose_token(logits[-1], sampling)                                # the first token: full model
+    pos = len(prompt)
     start = clock(prompt.device)
 
-    def emit(t, full):
-        res.tokens.append(t)
-        res.from_full.append(full)
+    def emit(token, from_full):
+        res.tokens.append(token)
+        res.from_full.append(from_full)
         if on_token:
-            on_token(t, full)
-        return t in eos_ids or len(res.tokens) == max_new_tokens  # True: stop
+            on_token(token, from_full)
+        return token in eos_ids or len(res.tokens) == max_new_tokens      # True: stop
 
-    done = emit(tok, True)
+    done = emit(int(t0), True)
     while not done:
-        # Draft no more than the budget allows: the period emits at most n tokens (n-1 drafts + 1).
-        n = min(period, max_new_tokens - len(res.tokens))
-        t0 = torch.tensor(tok, device=prompt.device)
-        drafts, tok, record = sirius_period(model, mlp, t0, pos, n, width=width, threshold=threshold,
-                                            strict=strict, record=on_period is not None)
-        emitted = 0
+        drafts, token, t0, record = sirius_period(
+            model, sparse_mlp, t0, pos, period=period, width=width, threshold=threshold, strict=strict,
+            sampling=sampling, record=on_period is not None, step=step)
         for d in drafts:
-            emitted += 1
             if done := emit(d, False):
                 break
         if not done:
-            emitted += 1
-            res.corrections += len(drafts) < n - 1
-            done = emit(tok, True)
-        res.advances.append(emitted)
+            done = emit(token, True)
+        res.advances.append(len(drafts) + 1)
+        res.corrections += len(drafts) < period - 1
         if on_period:
             on_period(record)
         pos += 1 + len(drafts)  # roll back: the cache is valid through t0 and the kept drafts
@@ -308,5 +495,6 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
 
 
 def cache_slots(prompt_len, max_new_tokens, period=1, width=1):
-    """KV-cache slots a request needs: its positions, plus the scratch slots a tree's extra branches take."""
-    return prompt_len + max_new_tokens + (period - 1) * (width - 1)
+    """KV-cache slots a request needs. Plain decoding (period 1) never runs its last token: prompt +
+    max_new_tokens - 1. Sirius may start a full window of 1 + (K-1)·w nodes at the last token's slot."""
+    return prompt_len + max_new_tokens - 1 + (period - 1) * width
