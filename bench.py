@@ -18,8 +18,8 @@ import torch
 import kernels
 from model import Llama, LlamaConfig
 from folder import UsageError, encode, load_weights, open_model_folder
-from sirius_min import (average_advance_length, effective_density, full_model_nll, generate, prefill,
-                        sirius, sirius_period)
+from sirius_min import (average_advance_length, effective_density, full_model_nll, generate, one_token_step,
+                        prefill_and_sparse_mlp, sirius, sirius_period, tree_view)
 
 # --- eval: the paper's Table 2 on a task with checkable answers ------------------------------------
 
@@ -357,7 +357,6 @@ def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict
     the verify pass (1 + (K-1)·w tokens) and a whole `sirius_period`. "rest" is the period minus root,
     K-2 draft steps and the verify pass: choosing tokens, the acceptance rule, the back-gather, the
     read-back. chain_step: a chain's one-token drafting pass (sirius_min.one_token_step), for w = 1."""
-    from sirius_min import tree_view     # (the lead may move this into the imports at the top)
     dev = t0.device
     depth, sees = side_by_side_chains(period, width, dev)
     tokens = t0.view(1).repeat(len(depth))                  # the tokens do not change a pass's cost
@@ -395,7 +394,6 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     compile: one-token steps (dense and coarse; fine left out to save a compilation) and a chain's drafting
     run as sirius_min.one_token_step's torch.compile(mode="reduce-overhead") graph, after 3 untimed runs.
     """
-    from sirius_min import one_token_step, prefill_and_sparse_mlp     # (the lead may move these to the top)
     dev, cfg, aals = torch.device(device), cfg or llama3_8b_config(), aals or {}
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

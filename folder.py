@@ -18,7 +18,8 @@ from typing import NamedTuple
 import torch
 from tokenizers import Tokenizer
 
-from model import CheckpointError, LlamaConfig, load_model, read_config
+from checkpoint import CheckpointError, load_model, read_config
+from model import LlamaConfig
 from sirius_min import cache_slots
 
 

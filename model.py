@@ -1,7 +1,7 @@
-"""A small Llama decoder in plain PyTorch (batch size 1) with a preallocated KV cache, and its loader.
+"""A small Llama decoder in plain PyTorch (batch size 1) with a preallocated KV cache.
 
-Loads Hugging Face `LlamaForCausalLM` folders (config.json + safetensors) without `transformers`. A forward
-pass takes a 1-D tensor of T token ids and returns (T, vocab) logits. The MLP is a seam: `forward(...,
+The network of Hugging Face's `LlamaForCausalLM`, without `transformers`; checkpoint.py reads a Hugging Face
+folder into it. A forward pass takes a 1-D tensor of T token ids and returns (T, vocab) logits. The MLP is a seam: `forward(...,
 mlp=fn)` swaps in another MLP (a sparse one) for that pass while attention stays as it is.
 
 Slots and positions. The cache has `max_seq_len` slots; a slot holds one token's keys and values. A pass
@@ -16,37 +16,13 @@ A decode step multiplies one vector by each matrix, which streams long rows fast
 one (h, q+2kv) matrix, gate and up into one (h, 2D), and the lm_head is (h, vocab); a tied embedding is read
 from the lm_head's columns (held once).
 """
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch.nn.attention.bias import CausalBias, causal_lower_right
-
-
-class CheckpointError(Exception):
-    """A model folder that cannot be used (missing, malformed, inconsistent, unsupported): for the user."""
-
-
-# What load_model does with each field of transformers' LlamaConfig that could change the logits:
-#  implemented: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
-#    head_dim, vocab_size, rms_norm_eps, tie_word_embeddings, attention_bias, mlp_bias, rope_theta, and
-#    rope_parameters (transformers >= 5) or rope_scaling (older) of a type in ROPE_TYPES.
-#  refused (CheckpointError naming field and value): other RoPE types (dynamic, yarn, longrope, su, ...),
-#    and a field of ONLY with a value not listed there.
-#  harmless: attention_dropout (training only), initializer_range, use_cache, pad/bos/eos_token_id,
-#    max_position_embeddings (the trained context), torch_dtype/dtype (weights load into the dtype asked).
-ROPE_TYPES = ("default", "linear", "llama3")
-RESCALE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                                   "original_max_position_embeddings")}
-ONLY = {"hidden_act": ("silu", "swish"),       # the MLP is SwiGLU (transformers' "swish" is the same SiLU)
-        "pretraining_tp": (1,),                 # > 1: transformers computes each product in slices
-        "partial_rotary_factor": (1,),          # RoPE on part of each head only
-        "quantization_config": ()}              # any: quantized checkpoints are not supported
 
 
 @dataclass
@@ -61,86 +37,12 @@ class LlamaConfig:
     vocab_size: int = 49152
     rms_norm_eps: float = 1e-5
     rope_theta: float = 100000.0
-    rope_scaling: dict | None = None     # None, or {"rope_type": "linear" or "llama3", its RESCALE_KEYS}
+    rope_scaling: dict | None = None     # None, or {"rope_type": "linear" or "llama3", and its parameters}
     attention_bias: bool = False         # q, k, v and o projections have biases
     mlp_bias: bool = False               # gate, up and down projections have biases
     tie_word_embeddings: bool = True     # lm_head shares the embedding matrix
     max_position_embeddings: int = 8192  # the context the model was trained for
     eos_token_id: list = field(default_factory=lambda: [2])
-
-    @classmethod
-    def from_hf(cls, hf) -> "LlamaConfig":
-        """Read and check a config.json's fields: wrong types and ranges are reported, not crashed on."""
-        if not isinstance(hf, dict):
-            raise CheckpointError("expected a JSON object")
-        if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in (hf.get("architectures") or []):
-            raise CheckpointError(f"describes a {hf.get('model_type')!r} model, not a Llama")
-        for name, allowed in ONLY.items():
-            if hf.get(name) is not None and hf[name] not in allowed:
-                why = "quantized checkpoints are not supported" if name == "quantization_config" else \
-                    f"only {' or '.join(map(repr, allowed))} is implemented"
-                raise CheckpointError(f"{name} {hf[name]!r}: {why}")
-
-        def num(name, default=None, kind=int, given=None):
-            v = given if given is not None else hf.get(name) if hf.get(name) is not None else default
-            if v is None:
-                raise CheckpointError(f"lacks {name!r}")
-            if isinstance(v, bool) or not isinstance(v, kind) or not (math.isfinite(v) and v > 0):
-                whole = "whole " * (kind is int)
-                raise CheckpointError(f"{name} must be a positive {whole}number, got {v!r}")
-            return v
-
-        def flag(name):
-            if hf.get(name, False) not in (True, False):
-                raise CheckpointError(f"{name} must be true or false, got {hf[name]!r}")
-            return hf.get(name, False)
-
-        h, n_heads = num("hidden_size"), num("num_attention_heads")
-        theta, scaling = rope_fields(hf)
-        cfg = cls(hidden_size=h, intermediate_size=num("intermediate_size"),
-                  num_hidden_layers=num("num_hidden_layers"), num_attention_heads=n_heads,
-                  num_key_value_heads=num("num_key_value_heads", n_heads),
-                  head_dim=num("head_dim", h // n_heads),
-                  vocab_size=num("vocab_size"), rms_norm_eps=num("rms_norm_eps", 1e-5, (int, float)),
-                  rope_theta=num("rope_theta", 10000.0, (int, float), theta), rope_scaling=scaling,
-                  attention_bias=flag("attention_bias"), mlp_bias=flag("mlp_bias"),
-                  tie_word_embeddings=hf.get("tie_word_embeddings") is True,
-                  max_position_embeddings=num("max_position_embeddings", 2048))
-        eos = hf.get("eos_token_id")
-        cfg.eos_token_id = [] if eos is None else [eos] if isinstance(eos, int) else eos
-        if not isinstance(cfg.eos_token_id, list) or not all(type(e) is int for e in cfg.eos_token_id):
-            raise CheckpointError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
-        if n_heads % cfg.num_key_value_heads:
-            raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
-        if cfg.head_dim % 2:
-            raise CheckpointError(f"head_dim must be even (RoPE turns pairs), got {cfg.head_dim}")
-        return cfg
-
-
-def rope_fields(hf):
-    """rope_theta (None if absent) and the RoPE rescaling (None for "default"), from rope_parameters
-    (transformers >= 5, may hold rope_theta) or rope_theta / rope_scaling (older); the same if both."""
-    given = {n: hf[n] for n in ("rope_parameters", "rope_scaling") if hf.get(n) is not None}
-    if not all(isinstance(d, dict) for d in given.values()):
-        raise CheckpointError(f"rope_parameters and rope_scaling must be objects, got {given}")
-    kinds = [{**{k: v for k, v in d.items() if k not in ("rope_theta", "type")},
-              "rope_type": d.get("rope_type", d.get("type", "default"))} for d in given.values()]
-    if len(kinds) == 2 and kinds[0] != kinds[1]:
-        raise CheckpointError(f"rope_parameters and rope_scaling disagree: {given}")
-    theta, inner = hf.get("rope_theta"), given.get("rope_parameters", {}).get("rope_theta")
-    if theta is not None and inner is not None and theta != inner:
-        raise CheckpointError(f"rope_theta {theta!r} and rope_parameters' rope_theta {inner!r} disagree")
-    s = kinds[0] if kinds else {"rope_type": "default"}
-    kind, keys = s["rope_type"], RESCALE_KEYS.get(s["rope_type"], ())
-    if kind not in ROPE_TYPES:
-        raise CheckpointError(f"rope_type {kind!r} is not supported (only {', '.join(ROPE_TYPES)})")
-    if s.get("partial_rotary_factor", 1) != 1:
-        raise CheckpointError(f"partial_rotary_factor {s['partial_rotary_factor']!r}: only 1 is implemented")
-    if not all(type(s.get(k)) in (int, float) and s[k] > 0 for k in keys):
-        raise CheckpointError(f"rope_type {kind} needs positive {', '.join(keys)}, got {s}")
-    scaling = {"rope_type": kind, **{k: s[k] for k in keys}} if keys else None
-    return (inner if theta is None else theta), scaling
-
 
 def rope_tables(cfg: LlamaConfig, max_len: int):
     """cos/sin tables (max_len, head_dim), a row per position, for HF's rotate-half RoPE, rescaled."""
@@ -231,7 +133,7 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """The decoder and its KV cache. `load_model` builds one from a HF folder; `Llama(cfg, max_seq_len)`
+    """The decoder and its KV cache. checkpoint.load_model builds one from a HF folder; `Llama(cfg, max_seq_len)`
     allocates one with uninitialised weights, to fill with `load_state_dict` (names as in `state_dict()`)."""
 
     def __init__(self, cfg: LlamaConfig, max_seq_len: int = 2048, *, device=None, dtype=None):
@@ -322,122 +224,3 @@ class Llama(nn.Module):
         self.cache_v[:, :, start:start + len(slots)] = self.cache_v[:, :, slots]
 
 
-# --- loading a Hugging Face checkpoint ------------------------------------------------------------
-
-FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)   # loaded into the dtype asked for
-
-
-def unused_but_harmless(name: str, cfg: LlamaConfig) -> bool:
-    """Checkpoint tensors a Llama may leave unread: RoPE frequencies older transformers saved (computed here),
-    and the lm_head of a tied model (transformers, too, uses the embedding)."""
-    return name.endswith(".rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings)
-
-
-def hf_views(model: Llama) -> dict:
-    """Each HF tensor name -> the part of our weights it fills: a view in HF's (out, in) shape."""
-    cfg, D = model.cfg, model.cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    views = {"model.embed_tokens.weight": model.lm_head.T if cfg.tie_word_embeddings else model.embed,
-             "model.norm.weight": model.norm}
-    if not cfg.tie_word_embeddings:
-        views["lm_head.weight"] = model.lm_head.T
-    for i, L in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        views[p + "input_layernorm.weight"] = L.attn_norm
-        views[p + "post_attention_layernorm.weight"] = L.mlp_norm
-        # Each HF projection: our (in, out) matrix and bias it goes into, and at which output columns.
-        parts = {"self_attn.q_proj": (L.wqkv, L.bqkv, slice(0, q)),
-                 "self_attn.k_proj": (L.wqkv, L.bqkv, slice(q, q + kv)),
-                 "self_attn.v_proj": (L.wqkv, L.bqkv, slice(q + kv, None)),
-                 "self_attn.o_proj": (L.wo, L.bo, slice(None)),
-                 "mlp.gate_proj": (L.w_gate_up, L.b_gate_up, slice(0, D)),
-                 "mlp.up_proj": (L.w_gate_up, L.b_gate_up, slice(D, None)),
-                 "mlp.down_proj": (L.w_down, L.b_down, slice(None))}
-        for name, (w, b, cols) in parts.items():
-            views[p + name + ".weight"] = w[:, cols].T
-            if b is not None:
-                views[p + name + ".bias"] = b[cols]
-    return views
-
-
-def read_json(path: Path):
-    """A UTF-8 JSON file's content; anything else is reported with the file (and the line)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise CheckpointError(f"{path}: line {line} is not valid UTF-8") from None
-    except json.JSONDecodeError as e:   # its message gives the line and column
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-
-
-def read_config(model_dir) -> LlamaConfig:
-    path = Path(model_dir) / "config.json"
-    if not Path(model_dir).is_dir():
-        raise CheckpointError(f"model folder not found: {model_dir}")
-    if not path.is_file():
-        raise CheckpointError(f"no config.json in {model_dir}")
-    hf = read_json(path)                   # names the file in its own errors
-    try:
-        return LlamaConfig.from_hf(hf)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-
-
-def safetensors_files(model_dir: Path) -> dict:
-    """HF tensor name -> the file holding it, for a single file or a sharded checkpoint."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        data = read_json(index)
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise CheckpointError(f"{index}: needs a 'weight_map' from tensor names to file names")
-        return {name: model_dir / f for name, f in weight_map.items()}
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
-    try:
-        with safe_open(single, "pt") as f:
-            return {name: single for name in f.keys()}
-    except (SafetensorError, OSError) as e:  # a corrupt or truncated header
-        raise CheckpointError(f"{single}: cannot read safetensors ({e})") from None
-
-
-def load_model(model_dir, max_seq_len: int = 2048, dtype=torch.float32, device="cpu") -> Llama:
-    """A HF Llama folder as a Llama on `device` in `dtype`. Each tensor is checked by name, kind and shape as
-    it is read, and for finiteness where it lands (on the device, in `dtype`: one read-back for all)."""
-    model_dir = Path(model_dir)
-    cfg, files = read_config(model_dir), safetensors_files(model_dir)
-    model = Llama(cfg, max_seq_len, device=device, dtype=dtype)
-    views, handles = hf_views(model), {}
-    unused = sorted(n for n in files if n not in views and not unused_but_harmless(n, cfg))
-    if unused:
-        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
-        raise CheckpointError(f"{model_dir}: tensor {unused[0]}{more} is not used by a Llama of this config")
-    for name, view in views.items():
-        if name not in files:
-            raise CheckpointError(f"{model_dir}: tensor {name} is missing")
-        try:
-            if files[name] not in handles:
-                handles[files[name]] = safe_open(files[name], "pt")
-            t = handles[files[name]].get_tensor(name)
-        except (OSError, RuntimeError, SafetensorError) as e:   # unreadable, truncated or corrupt shard
-            raise CheckpointError(f"{model_dir}: cannot read weights ({e})") from None
-        if t.dtype not in FLOATS:
-            kind = str(t.dtype).removeprefix("torch.")
-            raise CheckpointError(f"{model_dir}: tensor {name} has dtype {kind}: "
-                                  "quantized checkpoints are not supported")
-        if t.shape != view.shape:
-            raise CheckpointError(f"{model_dir}: tensor {name} has shape {tuple(t.shape)}, "
-                                  f"expected {tuple(view.shape)}")
-        view.copy_(t)                  # into the model's device and dtype, transposed to the (in, out) layout
-    finite = torch.stack([torch.isfinite(v).all() for v in views.values()]).tolist()
-    if not all(finite):
-        name = list(views)[finite.index(False)]
-        raise CheckpointError(f"{model_dir}: tensor {name} holds NaN or infinite values (in {dtype})")
-    model.make_up_rows()
-    return model

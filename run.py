@@ -22,7 +22,7 @@ import math  # noqa: E402
 import bench  # noqa: E402
 from bench import FEW_SHOT, print_table  # noqa: E402
 from folder import UsageError, encode, load_weights, open_model_folder  # noqa: E402
-from model import CheckpointError  # noqa: E402
+from checkpoint import CheckpointError  # noqa: E402
 from sirius_min import generate, sirius  # noqa: E402
 
 DEMO_PROMPT = "Mia buys 4 packs of stickers with 6 stickers in each pack. How many stickers does she have?"

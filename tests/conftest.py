@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 # Let tests import the top-level modules (convert_gguf, model, ...) without installing the repo.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 
 # A fixed prompt set for the quality tests: reasoning, where contextual sparsity goes wrong first.
 PROMPTS = [

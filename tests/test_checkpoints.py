@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_CONFIG, rel_err, write_checkpoint
-from model import CheckpointError, LlamaConfig, load_model, read_config, rope_tables
+from checkpoint import CheckpointError, load_model, read_config
+from model import LlamaConfig, rope_tables
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 MANIFEST_FILE = CHECKPOINTS / "MANIFEST.json"

@@ -18,7 +18,7 @@ import kernels
 import run
 import sirius_min
 from conftest import PROMPTS, encode_chat, rel_err
-from model import load_model
+from checkpoint import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -140,11 +140,17 @@ def test_gather_down_bf16():
     assert_exact(fine_mlp(x, mlp, k), x, mlp, top_abs(silu(gate.double()), k))
 
 
-def test_gather_needs_up_rows():
+def test_gather_needs_up_rows(monkeypatch):
+    """Forced, the gather plan needs W_up neuron-major; chosen by fine_mlp for a model without it (a model
+    that meets only sirius_min's contract), the plan that reads W_up whole is taken instead, same numbers."""
     x, mlp = random_mlp(16, 40)
+    want = fine_mlp(x, mlp, 10, plan="gather")
     mlp.up_rows = None
     with pytest.raises(ValueError, match="up_rows"):
-        fine_mlp(x, mlp, 10)
+        fine_mlp(x, mlp, 10, plan="gather")
+    taken, real = [], kernels.F.embedding_bag
+    monkeypatch.setattr(kernels.F, "embedding_bag", lambda *a, **k: taken.append(1) or real(*a, **k))
+    assert torch.allclose(fine_mlp(x, mlp, 10), want, rtol=1e-5, atol=1e-6) and taken
 
 
 @pytest.mark.parametrize("plan", PLANS + (None,))

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from torch.nn.attention.bias import causal_lower_right
 
 from conftest import TINY_CONFIG, encode_chat, rel_err, twin, write_checkpoint
-from model import Llama, grouped_attention, load_model
+from checkpoint import load_model
+from model import Llama, grouped_attention
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}

@@ -12,7 +12,7 @@ import folder
 import run
 from bench import FEW_SHOT
 from conftest import TINY_CONFIG, write_checkpoint
-from model import CheckpointError
+from checkpoint import CheckpointError
 from test_run import error_of
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ import transformers  # noqa: E402
 from transformers import GenerationConfig, LlamaForCausalLM  # noqa: E402
 
 import sirius_min  # noqa: E402
-from model import load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from run import chat_ids, load_tokenizer  # noqa: E402
 
 DEFAULT_DIR = Path("~/.cache/sirius-min/SmolLM2-135M-Instruct").expanduser()
