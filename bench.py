@@ -18,8 +18,16 @@ import torch
 import kernels
 from model import Llama, LlamaConfig
 from folder import UsageError, encode, load_weights, open_model_folder
-from sirius_min import (average_advance_length, effective_density, full_model_nll, generate, one_token_step,
+from sirius_min import (average_advance_length, effective_density, generate, one_token_step,
                         prefill_and_sparse_mlp, sirius, sirius_period, tree_view)
+
+def full_model_nll(model, prompt, tokens):
+    """Mean negative log-likelihood of `tokens` after `prompt` under the full model: how plausible the
+    full model finds a continuation, whoever wrote it (lower is closer to what it would have said)."""
+    sequence = torch.cat([prompt, torch.tensor(tokens, device=prompt.device)])
+    logits = model(sequence[:-1], 0)[len(prompt) - 1:]                     # the predictions of `tokens`
+    return float(torch.nn.functional.cross_entropy(logits.float(), sequence[len(prompt):]))
+
 
 # --- eval: the paper's Table 2 on a task with checkable answers ------------------------------------
 

@@ -198,34 +198,20 @@ def effective_density(density, period, aal):
     return ((period - 1) * density + 1) / aal
 
 
-def full_model_nll(model, prompt, tokens):
-    """Mean negative log-likelihood of `tokens` after `prompt` under the full model: how plausible the
-    full model finds a continuation, whoever wrote it (lower is closer to what it would have said)."""
-    sequence = torch.cat([prompt, torch.tensor(tokens, device=prompt.device)])
-    logits = model(sequence[:-1], 0)[len(prompt) - 1:]                     # the predictions of `tokens`
-    return float(torch.nn.functional.cross_entropy(logits.float(), sequence[len(prompt):]))
-
-
 # --- plain decoding (dense or sparse) ------------------------------------------------------------
 
-def check_length(max_new_tokens):
+def check_request(model, max_new_tokens, slots_needed):
     if type(max_new_tokens) is not int or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-
-
-def check_fits(model, slots_needed):
     if slots_needed > model.max_seq_len:
         raise ValueError(f"the request needs {slots_needed} cache slots; the model has {model.max_seq_len}")
 
 
 def one_token_step(model, compile, device):
     """The one-token pass of plain decoding and of a chain's drafting: `step(token (1,), pos, mlp)`.
-
-    Eagerly it is the model itself. With compile (for CUDA), torch.compile(mode="reduce-overhead") captures
-    it in a CUDA graph; so that one graph serves every position, the position goes in as a 0-dim device
-    tensor (a view into a table of slot ids: no copy from the host), which selects the model's static-shape
-    path (it attends over the whole cache with a mask instead of slicing it).
-    """
+    With compile (for CUDA) torch.compile(mode="reduce-overhead") captures it in a CUDA graph. So that one
+    graph serves every position, the position goes in as a 0-dim device tensor (a view into a table of slot
+    ids: no copy from the host), which selects the model's static-shape path (the whole cache, masked)."""
     if not compile:
         return lambda token, pos, mlp=None: model(token, pos, mlp=mlp)
     compiled, slot_ids = torch.compile(model, mode="reduce-overhead"), torch.arange(model.max_seq_len,
@@ -237,8 +223,7 @@ def generate(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="dense", kee
              top_p=1.0, generator=None, compile=False, on_token=None):
     """Decoding one token per forward pass, dense or with a sparse MLP after the dense prefill.
     on_token(token, from_full) sees every token as it is chosen; the host waits for each (one sync)."""
-    check_length(max_new_tokens)
-    check_fits(model, cache_slots(len(prompt), max_new_tokens))
+    check_request(model, max_new_tokens, cache_slots(len(prompt), max_new_tokens))
     sampling = check_sampling(temperature, top_p, generator, prompt.device)
     logits, sparse_mlp = prefill_and_sparse_mlp(model, prompt, sparsity, keep)
     step = one_token_step(model, compile, prompt.device)
@@ -265,10 +250,6 @@ def generate(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="dense", kee
 #   speculative (strict, sampling): keep d_i with probability min(1, p(d_i) / q(d_i)), p the full and q the
 #       sparse model's sampling distributions; the output is distributed exactly as full-model sampling.
 # The longest kept prefix d_1..d_a stands; then the full model adds one token of its own.
-
-def rule_name(strict, sampling: Sampling):
-    return ("speculative" if not sampling.greedy else "argmax") if strict else "threshold"
-
 
 def acceptance_probs(logits, parent, tokens):
     """p(d) at the acceptance temperature 0.6 for every node (N,): the full model's probability of each
@@ -410,7 +391,7 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
     then valid through t0 and the kept drafts, and the next period starts right after them ("roll back").
     """
     sampling = sampling or Sampling()
-    rule = rule_name(strict, sampling)
+    rule = "threshold" if not strict else "argmax" if sampling.greedy else "speculative"
     tree = draft_tree(model, sparse_mlp, t0, pos, period, width, sampling, rule == "speculative", step)
     nodes = range(0, len(tree.tokens))
     logits = model(tree.tokens, pos, **tree_view(tree.sees, pos, nodes, tree.depth, width))   # (N, V) full
@@ -419,24 +400,23 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
     accepted = longest_kept_prefix(kept[paths[:, 1:]])                     # (w,) a per path
     best = accepted.argmax().view(1)                                       # first longest: likelier path
     path, a = paths.index_select(0, best)[0], accepted.index_select(0, best)
-    last_kept = path.index_select(0, a)                                    # node after which to add a token
     if rule == "speculative":
         q = tree.draft_probs[path[1:]]                                     # (K-1, V)
         next_token = sample(next_token_distribution(p_full[path], q, a), sampling.generator).view(1)
-    else:
-        next_token = choose_token(logits.index_select(0, last_kept), sampling)
+    else:                                                                  # from the last kept node's logits
+        next_token = choose_token(logits.index_select(0, path.index_select(0, a)), sampling)
     packed = torch.cat([best, a, next_token, tree.tokens[path[1:]]]).tolist()   # the one host sync
     b, a, nxt, drafts = packed[0], packed[1], packed[2], packed[3:]
     if width > 1:
         model.move_kv(pos + path[:a + 1], pos)                             # the back-gather
-    record_ = None
+    trace = None
     if record:  # only for a trace: more read-backs, off the hot path
         p06 = acceptance_probs(logits, tree.parent, tree.tokens)[path[1:]].tolist()
-        record_ = Period(pos, [int(t0)] + drafts, p06, a, nxt, accepted.tolist(), b, rule)
+        trace = Period(pos, [int(t0)] + drafts, p06, a, nxt, accepted.tolist(), b, rule)
         if rule == "speculative":
-            record_.target_probs = p_full[path[:-1], tree.tokens[path[1:]]].tolist()
-            record_.draft_probs = tree.draft_probs[path[1:], tree.tokens[path[1:]]].tolist()
-    return drafts[:a], nxt, next_token, record_
+            trace.target_probs = p_full[path[:-1], tree.tokens[path[1:]]].tolist()
+            trace.draft_probs = tree.draft_probs[path[1:], tree.tokens[path[1:]]].tolist()
+    return drafts[:a], nxt, next_token, trace
 
 
 def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0.5, period=16, width=1,
@@ -450,7 +430,6 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
     """
     if sparsity not in ("fine", "coarse"):
         raise ValueError(f"Sirius corrects a sparse model: sparsity must be fine or coarse, got {sparsity!r}")
-    check_length(max_new_tokens)
     if type(period) is not int or period < 2:
         raise ValueError(f"period must be a whole number >= 2, got {period!r}")
     if type(width) is not int or width < 1:
@@ -460,7 +439,7 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
     sampling = check_sampling(temperature, top_p, generator, prompt.device)
     if not sampling.greedy and width > 1:
         raise ValueError("sampling drafts a chain: width must be 1 when temperature > 0")
-    check_fits(model, cache_slots(len(prompt), max_new_tokens, period, width))
+    check_request(model, max_new_tokens, cache_slots(len(prompt), max_new_tokens, period, width))
     logits, sparse_mlp = prefill_and_sparse_mlp(model, prompt, sparsity, keep)
     step = one_token_step(model, compile, prompt.device) if width == 1 else None
     res = Result([], [], density(model.cfg, keep, sparsity), period, width)

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 import sirius_min
 from conftest import PROMPTS, encode_chat, rel_err, twin
 from kernels import MLPWeights, dense_mlp, griffin_scores, n_kept, swiglu
+from bench import full_model_nll
 from sirius_min import (ACCEPT_TEMPERATURE, Sampling, cache_slots, depth_nodes, draft_tree, effective_density,
-                        full_model_nll, generate, keep_drafts, longest_kept_prefix, prefill_and_sparse_mlp,
+                        generate, keep_drafts, longest_kept_prefix, prefill_and_sparse_mlp,
                         root_to_leaf_paths, sirius, tree_view)
 
 GREEDY = Sampling()
