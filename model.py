@@ -80,20 +80,19 @@ def linear(x, w, b=None):
 def grouped_attention(q, k, v, mask):
     """softmax(q k^T / sqrt(hd)) v over the slots `mask` allows, each key/value head shared by g query heads.
 
-    q (H, T, hd); k, v (Hkv, S, hd); mask None (every slot), a CausalBias (a chain) or bool (T, S).
-    A chain keeps SDPA's own grouped heads (enable_gqa) and lower-right causal mask, which flash takes. Any
-    other call folds each KV head's g query heads into the query length, (Hkv, g*T, hd), and repeats the mask
-    per head: plain masked attention that SDPA's memory-efficient kernel takes (a bool mask with enable_gqa
-    would leave only the math kernel, which copies K/V per query head). The same numbers either way.
+    q (1, H, T, hd); k, v (1, Hkv, S, hd) (SDPA's batch of one); mask None (every slot), a CausalBias (a
+    chain) or bool (T, S). Without a bool mask, SDPA's own grouped heads (enable_gqa), which flash takes. With
+    one (a tree, the static path), each KV head's g query heads are folded into the query length, (1, Hkv,
+    g*T, hd), and the mask repeated per head: plain masked attention, which SDPA's memory-efficient kernel
+    takes (a bool mask with enable_gqa leaves only the math kernel, which copies K/V per query head).
     """
-    if isinstance(mask, CausalBias):
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
-    (H, T, hd), g = q.shape, q.shape[0] // k.shape[0]
-    folded = q.reshape(-1, g * T, hd)                       # row j*T + t: query head kv*g + j at token t
-    if mask is not None:
-        mask = mask.repeat(g, 1)                            # (g*T, S): the group's heads see the same slots
-    out = F.scaled_dot_product_attention(folded[None], k[None], v[None], attn_mask=mask)[0]  # (Hkv, g*T, hd)
-    return out.view(H, T, hd)
+    if mask is None or isinstance(mask, CausalBias):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    _, H, T, hd = q.shape
+    g = H // k.shape[1]
+    folded = q.reshape(1, -1, g * T, hd)                    # row j*T + t: query head kv*g + j at token t
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.repeat(g, 1))   # mask (g*T, S)
+    return out.reshape(1, H, T, hd)
 
 
 def weight(*shape, device=None, dtype=None):
@@ -125,6 +124,21 @@ class Block(nn.Module):
         self.w_gate_up, self.b_gate_up = weight(h, 2 * D, **w), weight(2 * D, **w) if mlp_bias else None
         self.w_down, self.b_down = weight(D, h, **w), weight(h, **w) if mlp_bias else None
         self.register_buffer("up_rows", None, persistent=False)     # derived: not in the state_dict
+        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+
+    def attention(self, x, cache_k, cache_v, cos, sin, slots, seen, mask):
+        """Attention on x (T, h): this pass's keys and values go to `slots` of the layer's cache (Hkv, S, hd),
+        queries read its slots below `seen`; cos, sin (T, hd) rotate by each token's position."""
+        T, hd, n_q, n_qk = x.shape[0], self.head_dim, self.n_heads, self.n_heads + cache_k.shape[0]
+        qkv = linear(x, self.wqkv, self.bqkv).view(T, -1, hd).transpose(0, 1)    # (H + 2 Hkv, T, hd)
+        qk = apply_rope(qkv[:n_qk], cos, sin)                                    # q and k rotate together
+        if isinstance(slots, slice):
+            cache_k[:, slots], cache_v[:, slots] = qk[n_q:], qkv[n_qk:]
+        else:                                                                    # static path: (T,) tensor
+            cache_k.index_copy_(1, slots, qk[n_q:])
+            cache_v.index_copy_(1, slots, qkv[n_qk:])
+        out = grouped_attention(qk[None, :n_q], cache_k[None, :, :seen], cache_v[None, :, :seen], mask)
+        return linear(out.transpose(1, 2).reshape(T, -1), self.wo, self.bo)    # (1, H, T, hd) -> (T, h)
 
     def mlp(self, x):
         """The layer's own dense SwiGLU MLP, (T, h) -> (T, h): down(silu(gate(x)) * up(x))."""
@@ -164,7 +178,6 @@ class Llama(nn.Module):
     def embed_tokens(self, tokens):
         return self.embed[tokens] if self.embed is not None else self.lm_head[:, tokens].T   # (T, h)
 
-    @torch.no_grad()
     def forward(self, tokens, start_pos, mlp=None, *, positions=None, mask=None, last_only=False):
         """Run tokens (T,) in cache slots start_pos .. start_pos+T-1; return their logits (T, vocab).
 
@@ -179,8 +192,8 @@ class Llama(nn.Module):
         any n <= max_seq_len, slots from n on hidden), so no shape depends on the position. Neither path reads
         a value back to the host.
         """
-        T, S, eps = tokens.shape[0], self.max_seq_len, self.cfg.rms_norm_eps
-        if isinstance(start_pos, torch.Tensor):
+        T, S, static = tokens.shape[0], self.max_seq_len, isinstance(start_pos, torch.Tensor)
+        if static:
             slots = start_pos + torch.arange(T, device=tokens.device)          # (T,) where this pass writes
             if mask is None:     # causal in slot order; later slots are unwritten (or stale): hidden
                 mask = torch.arange(S, device=tokens.device) <= slots[:, None]              # (T, S)
@@ -193,30 +206,20 @@ class Llama(nn.Module):
                 raise ValueError(f"slot {seen} is beyond the cache ({S}): load with more")
             if mask is None and T > 1:   # a chain: causal from the last slot back
                 mask = causal_lower_right(T, seen)
-        at = slots if positions is None else positions
-        cos, sin = self.cos[at], self.sin[at]                                   # (T, hd)
-        x = self.embed_tokens(tokens)                                           # (T, h)
-        for i, layer in enumerate(self.layers):
-            x = x + self.attention(i, rms_norm(x, layer.attn_norm, eps), cos, sin, slots, seen, mask)
-            a = rms_norm(x, layer.mlp_norm, eps)
-            x = x + (layer.mlp(a) if mlp is None else mlp(i, a))
-        if last_only:
-            x = x[-1:]                                                          # (1, h)
-        return rms_norm(x, self.norm, eps) @ self.lm_head                       # (T, vocab)
-
-    def attention(self, i, x, cos, sin, slots, seen, mask):
-        """Layer i's attention on x (T, h): write this pass's keys/values to `slots`, read slots < seen."""
-        layer, T, hd, n_q = self.layers[i], x.shape[0], self.cfg.head_dim, self.cfg.num_attention_heads
-        n_qk = n_q + self.cfg.num_key_value_heads
-        qkv = linear(x, layer.wqkv, layer.bqkv).view(T, -1, hd).transpose(0, 1)   # (H + 2 Hkv, T, hd)
-        qk = apply_rope(qkv[:n_qk], cos, sin)                                     # q and k rotate together
-        if isinstance(slots, slice):
-            self.cache_k[i, :, slots], self.cache_v[i, :, slots] = qk[n_q:], qkv[n_qk:]
-        else:
-            self.cache_k[i].index_copy_(1, slots, qk[n_q:])
-            self.cache_v[i].index_copy_(1, slots, qkv[n_qk:])
-        out = grouped_attention(qk[:n_q], self.cache_k[i, :, :seen], self.cache_v[i, :, :seen], mask)
-        return linear(out.transpose(0, 1).reshape(T, -1), layer.wo, layer.bo)   # (T, h)
+        at, eps = slots if positions is None else positions, self.cfg.rms_norm_eps
+        # No autograd on either path. Eager passes run in inference mode, the least work per op; the static
+        # path is meant for torch.compile, which cannot capture inference mode, so it runs under no_grad.
+        with torch.inference_mode(not static), torch.no_grad():
+            cos, sin = self.cos[at], self.sin[at]                               # (T, hd)
+            x = self.embed_tokens(tokens)                                       # (T, h)
+            for i, (layer, cache_k, cache_v) in enumerate(zip(self.layers, self.cache_k, self.cache_v)):
+                a = rms_norm(x, layer.attn_norm, eps)
+                x = x + layer.attention(a, cache_k, cache_v, cos, sin, slots, seen, mask)  # its (Hkv, S, hd)
+                a = rms_norm(x, layer.mlp_norm, eps)
+                x = x + (layer.mlp(a) if mlp is None else mlp(i, a))
+            if last_only:
+                x = x[-1:]                                                      # (1, h)
+            return rms_norm(x, self.norm, eps) @ self.lm_head                   # (T, vocab)
 
     def move_kv(self, slots, start: int):
         """Copy the keys/values in cache `slots` (n,) to slots start..start+n-1 (a tree's chosen path)."""
