@@ -206,24 +206,28 @@ class Llama(nn.Module):
                 raise ValueError(f"slot {seen} is beyond the cache ({S}): load with more")
             if mask is None and T > 1:   # a chain: causal from the last slot back
                 mask = causal_lower_right(T, seen)
-        at, eps = slots if positions is None else positions, self.cfg.rms_norm_eps
+        at = slots if positions is None else positions             # RoPE positions: by default, the slots
+        eps = self.cfg.rms_norm_eps
         # No autograd on either path. Eager passes run in inference mode, the least work per op; the static
         # path is meant for torch.compile, which cannot capture inference mode, so it runs under no_grad.
         with torch.inference_mode(not static), torch.no_grad():
             cos, sin = self.cos[at], self.sin[at]                               # (T, hd)
             x = self.embed_tokens(tokens)                                       # (T, h)
+            # Layer i with its own slice of the cache, cache_k[i] and cache_v[i] (Hkv, S, hd).
             for i, (layer, cache_k, cache_v) in enumerate(zip(self.layers, self.cache_k, self.cache_v)):
                 a = rms_norm(x, layer.attn_norm, eps)
-                x = x + layer.attention(a, cache_k, cache_v, cos, sin, slots, seen, mask)  # its (Hkv, S, hd)
+                x = x + layer.attention(a, cache_k, cache_v, cos, sin, slots, seen, mask)
                 a = rms_norm(x, layer.mlp_norm, eps)
                 x = x + (layer.mlp(a) if mlp is None else mlp(i, a))
             if last_only:
                 x = x[-1:]                                                      # (1, h)
             return rms_norm(x, self.norm, eps) @ self.lm_head                   # (T, vocab)
 
-    def move_kv(self, slots, start: int):
-        """Copy the keys/values in cache `slots` (n,) to slots start..start+n-1 (a tree's chosen path)."""
-        self.cache_k[:, :, start:start + len(slots)] = self.cache_k[:, :, slots]
-        self.cache_v[:, :, start:start + len(slots)] = self.cache_v[:, :, slots]
+    def move_kv(self, slots, start):
+        """Copy the keys/values in cache `slots` (n,) to slots start..start+n-1 (a tree's chosen path).
+        `start` is an int or a 0-dim tensor on the device: either way nothing is read back to the host."""
+        to = start + torch.arange(len(slots), device=slots.device)             # (n,)
+        self.cache_k.index_copy_(2, to, self.cache_k[:, :, slots])             # the gather copies first
+        self.cache_v.index_copy_(2, to, self.cache_v[:, :, slots])
 
 

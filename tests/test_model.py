@@ -85,11 +85,13 @@ def test_explicit_positions_and_mask(tiny):
     assert rel_err(moved[:9], default[:9]) <= 1e-6 and rel_err(moved[9:], default[9:]) > 1e-3
 
 
-def test_move_kv_copies_slots(tiny):
-    """move_kv(slots, start) puts those slots' keys and values at start, start+1, ...; the rest stay."""
+@pytest.mark.parametrize("start", [10, torch.tensor(10)], ids=["int", "tensor"])
+def test_move_kv_copies_slots(tiny, start):
+    """move_kv(slots, start) puts those slots' keys and values at start, start+1, ...; the rest stay. The
+    slots may overlap their destination (slot 12 is read and written)."""
     tiny(random_tokens(20, seed=3), 0)
     k, v = tiny.cache_k.clone(), tiny.cache_v.clone()
-    tiny.move_kv(torch.tensor([12, 15, 19]), 10)
+    tiny.move_kv(torch.tensor([12, 15, 19]), start)
     assert torch.equal(tiny.cache_k[:, :, 10:13], k[:, :, [12, 15, 19]])
     assert torch.equal(tiny.cache_v[:, :, 10:13], v[:, :, [12, 15, 19]])
     rest = [i for i in range(128) if i not in (10, 11, 12)]
@@ -197,8 +199,8 @@ SYNCING = ["item", "tolist", "__bool__", "__int__", "__index__", "__float__", "n
 
 
 def test_forward_never_reads_back_to_the_host(tiny, monkeypatch):
-    """No .item(), .tolist(), bool/int/index of a tensor, nonzero or torch.tensor(...) inside forward, on
-    either path: each would stall a GPU queue (and break graph capture). Counted by patching torch."""
+    """No .item(), .tolist(), bool/int/index of a tensor, nonzero or torch.tensor(...) inside forward (either
+    path) or move_kv: each would stall a GPU queue (and break graph capture). Counted by patching torch."""
     calls = []
 
     def counting(name, original):
@@ -220,6 +222,7 @@ def test_forward_never_reads_back_to_the_host(tiny, monkeypatch):
         tiny(prompt, start_pos, last_only=True)
         tiny(step, step_pos, as_sparse)
         tiny(tokens, tree_pos, positions=positions, mask=mask)
+        tiny.move_kv(torch.arange(9, 12), tree_pos)
     monkeypatch.undo()
     assert calls == []
 
