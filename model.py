@@ -1,8 +1,8 @@
 """A small Llama decoder in plain PyTorch (batch size 1) with a preallocated KV cache.
 
-The network of Hugging Face's `LlamaForCausalLM`, without `transformers`; checkpoint.py reads a Hugging Face
-folder into it. A forward pass takes a 1-D tensor of T token ids and returns (T, vocab) logits. The MLP is a seam: `forward(...,
-mlp=fn)` swaps in another MLP (a sparse one) for that pass while attention stays as it is.
+The network of Hugging Face's `LlamaForCausalLM`, without `transformers`; checkpoint.py reads a Hugging
+Face folder into it. A forward pass takes a 1-D tensor of T token ids and returns (T, vocab) logits. The MLP
+is a seam: `forward(..., mlp=fn)` swaps in another MLP (a sparse one) for that pass, attention unchanged.
 
 Slots and positions. The cache has `max_seq_len` slots; a slot holds one token's keys and values. A pass
 writes its T tokens to slots start_pos .. start_pos+T-1 and attends to the slots below start_pos+T. By
@@ -147,8 +147,9 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """The decoder and its KV cache. checkpoint.load_model builds one from a HF folder; `Llama(cfg, max_seq_len)`
-    allocates one with uninitialised weights, to fill with `load_state_dict` (names as in `state_dict()`)."""
+    """The decoder and its KV cache. checkpoint.load_model builds one from a HF folder; `Llama(cfg,
+    max_seq_len)` allocates one with uninitialised weights, to fill with `load_state_dict` (names as in
+    `state_dict()`)."""
 
     def __init__(self, cfg: LlamaConfig, max_seq_len: int = 2048, *, device=None, dtype=None):
         super().__init__()
