@@ -11,10 +11,9 @@ start_pos: nothing is copied or cropped. A Sirius tree is where they part: its n
 row, a node's position is pos + its depth, a mask says which slots it sees (the prefix and its ancestors),
 and `move_kv` copies the chosen path's keys and values back to the slots of their positions.
 
-One layout: every matrix is stored (in, out) and applied as `x @ W` (HF's (out, in) transposed at load).
-A decode step multiplies one vector by each matrix, which streams long rows fastest, so q/k/v are fused into
-one (h, q+2kv) matrix, gate and up into one (h, 2D), and the lm_head is (h, vocab); a tied embedding is read
-from the lm_head's columns (held once).
+One layout: every matrix is stored (in, out) and applied as `x @ W` (HF's (out, in) transposed at load): a
+decode step's vector-matrix products stream long rows fastest, so q/k/v are fused into one (h, q+2kv) matrix,
+gate and up into one (h, 2D), the lm_head is (h, vocab), and a tied embedding is the lm_head's columns.
 """
 import math
 from dataclasses import dataclass, field
@@ -184,15 +183,11 @@ class Llama(nn.Module):
 
         Writes those slots' keys and values and attends to the slots below start_pos+T. `mlp(i, x)` replaces
         layer i's MLP for this pass. A tree passes `positions` (T,), each token's RoPE position (default: its
-        slot), and `mask` (T, start_pos+T) bool, the slots each token sees (default: causal, every slot up to
-        its own). last_only: the last token's logits only, (1, vocab), all a prefill needs.
-
-        start_pos an int: attention reads the slots below start_pos+T. start_pos a 0-dim long tensor on the
-        device: the static-shape path for graph capture (torch.compile): keys and values are written with
-        index_copy_ and every pass reads all max_seq_len slots behind a mask (a given `mask` may be (T, n) for
-        any n <= max_seq_len, slots from n on hidden), so no shape depends on the position. Neither path reads
-        a value back to the host.
-        """
+        slot), and `mask` (T, start_pos+T) bool, the slots each token sees (default: causal). last_only: the
+        last token's logits only, (1, vocab), all a prefill needs. A 0-dim tensor start_pos (on the device)
+        takes the static-shape path for torch.compile: every pass reads all max_seq_len slots behind a mask
+        (a given mask is padded with hidden slots), so no shape depends on the position. Neither path reads a
+        value back to the host."""
         T, S, static = tokens.shape[0], self.max_seq_len, isinstance(start_pos, torch.Tensor)
         if static:
             slots = start_pos + torch.arange(T, device=tokens.device)          # (T,) where this pass writes

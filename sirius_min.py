@@ -1,14 +1,12 @@
 """Generation with contextual sparsity, and Sirius: the sparse model writes, the full model corrects.
 
-Batch 1, greedy by default (temperature 0, as in the paper), sampling with a temperature and top-p.
-The sparse model is the full model's own weights with a sparse MLP passed through the model's MLP seam, so
-both share one KV cache. What this file needs of a model is written down in `Model` below: `model.py`'s
-Llama meets it, and so does the small stand-in in tests/test_sirius.py.
-
-Read top to bottom: the contract, choosing a token, the two sparse MLPs and the prefill, plain decoding, the
-metrics, then Sirius: the acceptance rules, drafting (a chain, or a tree of width w), one period (draft,
-verify, keep a path), and the loop over periods. On a GPU each Sirius period waits for the device once
-(one small packed read-back) and plain decoding once per token; drafting and verifying never wait.
+Batch 1, greedy by default (temperature 0, as in the paper), sampling with a temperature and top-p. The sparse
+model is the full model's own weights with a sparse MLP passed through the model's MLP seam, so both share one
+KV cache. What this file needs of a model is `Model` below: model.py's Llama meets it, and so does the small
+stand-in in tests/test_sirius.py. Read top to bottom: the contract, choosing a token, the sparse MLPs and the
+prefill, plain decoding, the metrics, then Sirius: the acceptance rules, drafting (a chain, or a tree of width
+w), one period, the loop. On a GPU a period waits for the device once (one packed read-back) and plain
+decoding once per token; drafting and verifying never wait.
 """
 import time
 from dataclasses import dataclass, field
@@ -26,13 +24,11 @@ class Model(Protocol):
     """What sirius_min.py needs of a model: a decoder over a KV cache addressed by slot, and an MLP seam.
 
     `model(tokens, start_pos, mlp, positions=, mask=, last_only=)` runs tokens (T,) in cache slots
-    start_pos.., writing their keys and values, and returns logits (T, V) ((1, V) with last_only). Slots
-    beyond start_pos+T are ignored, so rolling back is just starting the next pass earlier. `mlp(i, x)`, if
-    given, replaces layer i's MLP for that pass. A tree passes each token's RoPE `positions` (T,) and a bool
-    `mask` (T, start_pos+T) of the slots it may see. `move_kv(slots, start)` copies cached keys and values.
-    `layers[i]` holds the MLP weights kernels.py reads (w_gate_up, w_down; optional biases and up_rows), and
-    `cfg` the Hugging Face config fields kernels.density counts (hidden_size, intermediate_size, ...).
-    """
+    start_pos.., writing their keys and values, and returns logits (T, V) ((1, V) with last_only); slots
+    beyond start_pos+T are ignored, so rolling back is starting the next pass earlier. `mlp(i, x)` replaces
+    layer i's MLP. A tree passes each token's RoPE `positions` (T,) and a bool `mask` (T, start_pos+T).
+    `move_kv(slots, start)` copies cached keys and values. `layers[i]` holds the MLP weights kernels.py reads
+    (w_gate_up, w_down; optional biases, up_rows); `cfg` the config fields kernels.density counts."""
     cfg: Any
     max_seq_len: int
     layers: Sequence[Any]
@@ -46,7 +42,7 @@ class Model(Protocol):
 
 @dataclass
 class Sampling:
-    """How tokens are chosen: greedy at temperature 0, else sampled from the top-p nucleus at temperature T."""
+    """How tokens are chosen: greedy at temperature 0, else sampled at temperature T from the nucleus."""
     temperature: float = 0.0
     top_p: float = 1.0
     generator: torch.Generator | None = None  # on the logits' device; None: a fresh, randomly seeded one
@@ -108,10 +104,8 @@ class FineMLP:
 
 class CoarseMLP:
     """Coarse-grained sparsity (GRIFFIN): neurons chosen once from the prompt, their weights sliced once.
-
     `idx[i]` is layer i's selection for the whole request; every sparse step is then a smaller dense MLP.
-    The slices are new tensors: 3·h·k numbers per layer for as long as the request runs.
-    """
+    The slices are new tensors: 3·h·k numbers per layer for as long as the request runs."""
 
     def __init__(self, model, scores: list, keep: float):
         k = n_kept(model.cfg.intermediate_size, keep)
@@ -124,10 +118,8 @@ class CoarseMLP:
 
 def prefill_and_sparse_mlp(model, prompt, sparsity="dense", keep=0.5):
     """The dense pass over the prompt: its last logits (1, V), and the request's sparse MLP (None if dense).
-
     For coarse sparsity this is where the neurons are chosen, once, from the SwiGLU activations of every
-    prompt token: later multi-token passes (Sirius verification) are dense and never re-select.
-    """
+    prompt token: later multi-token passes (Sirius verification) are dense and never re-select."""
     if sparsity not in SPARSITIES:
         raise ValueError(f"unknown sparsity {sparsity!r}: expected one of {', '.join(SPARSITIES)}")
     if len(prompt) < 1:
@@ -214,8 +206,8 @@ def one_token_step(model, compile, device):
     ids: no copy from the host), which selects the model's static-shape path (the whole cache, masked)."""
     if not compile:
         return lambda token, pos, mlp=None: model(token, pos, mlp=mlp)
-    compiled, slot_ids = torch.compile(model, mode="reduce-overhead"), torch.arange(model.max_seq_len,
-                                                                                    device=device)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    slot_ids = torch.arange(model.max_seq_len, device=device)
     return lambda token, pos, mlp=None: compiled(token, slot_ids[pos], mlp=mlp)
 
 
@@ -297,8 +289,8 @@ def depth_nodes(depth, width):
 def tree_view(sees, pos, nodes, depth_of_node, width):
     """forward()'s `positions` and `mask` for `nodes` (a range of node ids) in slots pos + nodes: each
     token's RoPE position is pos + its depth, and it sees the verified prefix and its own ancestors.
-    A chain needs neither: its slot order is its position order and causal attention is right."""
-    if width == 1:
+    A chain needs neither (its slot order is its position order, and causal is right), nor does the root."""
+    if width == 1 or nodes.stop == 1:
         return {}
     prefix = torch.ones(len(nodes), pos, dtype=torch.bool, device=sees.device)
     return {"positions": pos + depth_of_node[nodes.start:nodes.stop],
@@ -316,12 +308,10 @@ class Tree:
 
 def draft_tree(model, sparse_mlp, t0, pos, period, width, sampling: Sampling, keep_probs=False, step=None):
     """The sparse model drafts K-1 depths below t0, one pass per depth, each pass over the previous depth.
-
-    A chain (w = 1) appends the sparse model's chosen token (greedy or sampled). A tree keeps a beam: each
-    of the w nodes of a depth proposes its top-w children by log_softmax(z / 0.6), and of those w·w the w
-    with the highest cumulative log-probability become the next depth, best first. `step`: a chain's
-    one-token pass (`one_token_step`), the model itself by default.
-    """
+    A chain (w = 1) appends the sparse model's chosen token (greedy or sampled). A tree keeps a beam: each of
+    the w nodes of a depth proposes its top-w children by log_softmax(z / 0.6), and of those w·w the w with
+    the highest cumulative log-probability become the next depth, best first. `step`: a chain's one-token
+    pass (`one_token_step`), the model itself by default."""
     N, device = 1 + (period - 1) * width, t0.device
     depth = torch.cat([torch.zeros(1, dtype=torch.long, device=device),
                        torch.arange(1, period, device=device).repeat_interleave(width)])
@@ -383,13 +373,12 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
                   sampling=None, record=False, step=None):
     """One period: draft, verify every draft in one full-model pass, keep the best path, add one token.
 
-    t0 (a device tensor: the last emitted token, not yet in the cache) goes to slot pos, the drafts after
-    it, writing sparse keys and values; the full model's pass rewrites all those slots with its own. Of the
-    w paths the one with the longest kept prefix wins (ties: the likelier path); its nodes' keys and values
-    move to slots pos..pos+a (a chain's are already there). Everything up to one read-back stays on the
-    device. Returns (kept drafts, next token as int and as a device tensor, Period or None); the cache is
-    then valid through t0 and the kept drafts, and the next period starts right after them ("roll back").
-    """
+    t0 (a device tensor: the last emitted token, not yet in the cache) goes to slot pos, the drafts after it,
+    writing sparse keys and values; the full model's pass rewrites all those slots with its own. Of the w
+    paths the one with the longest kept prefix wins (ties: the likelier path); its nodes' keys and values move
+    to slots pos..pos+a (a chain's are already there). All stays on the device up to one read-back. Returns
+    (kept drafts, next token as int and as a device tensor, Period or None); the cache is then valid through
+    t0 and the kept drafts, and the next period starts right after them ("roll back")."""
     sampling = sampling or Sampling()
     rule = "threshold" if not strict else "argmax" if sampling.greedy else "speculative"
     tree = draft_tree(model, sparse_mlp, t0, pos, period, width, sampling, rule == "speculative", step)
@@ -422,12 +411,10 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
 def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0.5, period=16, width=1,
            threshold=0.1, strict=False, temperature=0.0, top_p=1.0, generator=None, compile=False,
            on_token=None, on_period=None):
-    """Sirius generation: sparse drafts, corrected every `period` tokens by one full-model pass.
-
-    Every window is a full K-token window, as in the paper's code: the last one may run past
-    max_new_tokens, and what it gains beyond is dropped. on_token(token, from_full) sees every emitted
-    token; on_period(Period) sees every verification.
-    """
+    """Sirius generation: sparse drafts, corrected every `period` tokens by one full-model pass. Every
+    window is a full K-token window, as in the paper's code: the last one may run past max_new_tokens, and
+    what it gains beyond is dropped. on_token(token, from_full) sees every emitted token; on_period(Period)
+    every verification."""
     if sparsity not in ("fine", "coarse"):
         raise ValueError(f"Sirius corrects a sparse model: sparsity must be fine or coarse, got {sparsity!r}")
     if type(period) is not int or period < 2:
@@ -443,8 +430,7 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
     logits, sparse_mlp = prefill_and_sparse_mlp(model, prompt, sparsity, keep)
     step = one_token_step(model, compile, prompt.device) if width == 1 else None
     res = Result([], [], density(model.cfg, keep, sparsity), period, width)
-    t0 = choose_token(logits[-1], sampling)                                # the first token: full model
-    pos = len(prompt)
+    t0, pos = choose_token(logits[-1], sampling), len(prompt)              # the first token: full model
     start = clock(prompt.device)
 
     def emit(token, from_full):

@@ -438,7 +438,8 @@ def test_tree_depth_shares_one_fine_neuron_set(tiny, monkeypatch):
     for (x, layer, k), out in calls[2:]:
         a = F.silu(x @ layer.w_gate_up[:, :64])
         shared = a.abs().sum(0).argsort(descending=True)[:k]
-        own = torch.cat([masked(x[t:t + 1], layer, a[t].abs().argsort(descending=True)[:k]) for t in range(3)])
+        own = torch.cat([masked(x[t:t + 1], layer, a[t].abs().argsort(descending=True)[:k])
+                         for t in range(3)])
         assert rel_err(out, masked(x, layer, shared)) <= 1e-5
         assert rel_err(out, own) > 1e-3                           # per-row sets would give another answer
 
@@ -498,7 +499,11 @@ def sparse_mlp_by_hand(model, prompt, sparsity, keep):
     if sparsity == "fine":
         return lambda i, x: sirius_min.fine_mlp(x, model.layers[i], k)
     acts = []
-    model(prompt, 0, mlp=lambda i, x: acts.append(swiglu(x, model.layers[i])) or dense_mlp(x, model.layers[i]))
+    def recording(i, x):
+        acts.append(swiglu(x, model.layers[i]))
+        return dense_mlp(x, model.layers[i])
+
+    model(prompt, 0, mlp=recording)
     masks = [torch.zeros(D).index_fill_(0, griffin_scores(z).topk(k).indices, 1.0) for z in acts]
     return lambda i, x: (swiglu(x, model.layers[i]) * masks[i]) @ model.layers[i].w_down
 
