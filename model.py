@@ -43,6 +43,7 @@ class LlamaConfig:
     max_position_embeddings: int = 8192  # the context the model was trained for
     eos_token_id: list = field(default_factory=lambda: [2])
 
+
 def rope_tables(cfg: LlamaConfig, max_len: int):
     """cos/sin tables (max_len, head_dim), a row per position, for HF's rotate-half RoPE, rescaled."""
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).double() / cfg.head_dim)
