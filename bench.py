@@ -19,7 +19,7 @@ import kernels
 from model import Llama, LlamaConfig
 from folder import UsageError, encode, load_weights, open_model_folder
 from sirius_min import (average_advance_length, effective_density, generate, one_token_step,
-                        prefill_and_sparse_mlp, sirius, sirius_period, tree_view)
+                        prefill_and_sparse_mlp, sirius, sirius_period, tree_pass_args)
 
 def full_model_nll(model, prompt, tokens):
     """Mean negative log-likelihood of `tokens` after `prompt` under the full model: how plausible the
@@ -361,7 +361,7 @@ def side_by_side_chains(period, width, device):
 
 def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict, reps, chain_step=None):
     """Seconds of one Sirius period and of its parts, each pass with the positions and mask the period gives
-    it (sirius_min.tree_view): the root's draft step (one token), a draft step over one depth (w tokens),
+    it (sirius_min.tree_pass_args): the root's draft step (one token), a draft step over one depth (w tokens),
     the verify pass (1 + (K-1)·w tokens) and a whole `sirius_period`. "rest" is the period minus root,
     K-2 draft steps and the verify pass: choosing tokens, the acceptance rule, the back-gather, the
     read-back. chain_step: a chain's one-token drafting pass (sirius_min.one_token_step), for w = 1."""
@@ -374,7 +374,7 @@ def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict
         if chain_step is not None and mlp is not None:
             return chain_step(tokens[nodes.start:nodes.stop], pos + nodes.start, mlp)
         return model(tokens[nodes.start:nodes.stop], pos + nodes.start, mlp=mlp,
-                     **tree_view(sees, pos, nodes, depth, width))
+                     **tree_pass_args(sees, pos, nodes, depth, width))
 
     middle = range(1 + (period // 2 - 1) * width, 1 + period // 2 * width)   # the nodes of one depth
     drafting = {} if chain_step is None else {"step": chain_step}

@@ -68,18 +68,18 @@ def dense_mlp(x, mlp):
 # CATS, which the paper builds on, keeps neurons above a threshold calibrated offline; like the paper's code,
 # we keep exactly the top k instead, so every step reads the same number of rows.
 
-def select_fine(a, k):
-    """The k neurons (k,), in no particular order, with the largest |a| (a: (T, D) gate activations). One row
+def select_fine(act, k):
+    """The k neurons (k,), in no particular order, with the largest |act| (act: (T, D), SiLU(gate)). One row
     (a decode step) picks its own top k. Several rows (one depth of a Sirius tree) share one set, the top k
-    of the sum over rows of |a|, so that a level reads one set of rows for all its branches."""
-    return a.abs().sum(0).topk(k, sorted=False).indices
+    of the sum over rows of |act|, so that a level reads one set of rows for all its branches."""
+    return act.abs().sum(0).topk(k, sorted=False).indices
 
 
 def fine_mlp_reference(x, mlp, k):
     """The fine-sparse MLP as the paper writes it, for tests and readers: this step's top k neurons by
     |SiLU(gate)|, then the smaller dense MLP of their rows. fine_mlp gets it without copying the rows."""
-    a = F.silu(gate_and_up(x, mlp)[0])                                 # (T, D)
-    return dense_mlp(x, slice_mlp(mlp, select_fine(a, k)))
+    act = F.silu(gate_and_up(x, mlp)[0])                               # (T, D)
+    return dense_mlp(x, slice_mlp(mlp, select_fine(act, k)))
 
 
 def fine_plan(x, k, D):
@@ -121,18 +121,18 @@ def fine_mlp(x, mlp, k, *, plan=None):
             raise ValueError("fine_mlp's gather plan needs mlp.up_rows: W_up as (D, h) neuron rows")
         b_gate_up = getattr(mlp, "b_gate_up", None)
         b_gate, b_up = (None, None) if b_gate_up is None else b_gate_up.chunk(2)
-        a = F.silu(_plus(x @ mlp.w_gate_up[:, :D], b_gate))            # (T, D): the gate half only
-        idx = select_fine(a, k).sort().values                          # (k,) ascending, as CSR requires
+        act = F.silu(_plus(x @ mlp.w_gate_up[:, :D], b_gate))          # (T, D): the gate half only
+        idx = select_fine(act, k).sort().values                        # (k,) ascending, as CSR requires
         up = _plus(_kept_rows_dot(x, mlp.up_rows, idx), None if b_up is None else b_up[idx])   # (T, k)
     else:
         gate, up = gate_and_up(x, mlp)                                 # (T, D) each: W_gate, W_up whole
-        a = F.silu(gate)
+        act = F.silu(gate)
         if plan == "mask":
-            kept = torch.zeros_like(a[0]).index_fill_(0, select_fine(a, k), 1.0)   # (D,): 1 on kept neurons
-            return _plus((a * up * kept) @ mlp.w_down, b_down)
-        idx = select_fine(a, k)                                        # "gather_down": (k,)
+            kept = torch.zeros_like(act[0]).index_fill_(0, select_fine(act, k), 1.0)   # (D,): 1 if kept
+            return _plus((act * up * kept) @ mlp.w_down, b_down)
+        idx = select_fine(act, k)                                      # "gather_down": (k,)
         up = up[:, idx]                                                # (T, k)
-    c = a[:, idx] * up                                                 # (T, k) kept activations
+    c = act[:, idx] * up                                               # (T, k) kept activations
     # Sum of c-weighted rows of w_down, one bag per token: reads only the kept rows.
     down = F.embedding_bag(idx.expand(x.shape[0], -1), mlp.w_down, per_sample_weights=c, mode="sum")
     return _plus(down, b_down)

@@ -212,10 +212,10 @@ class Llama(nn.Module):
             x = self.embed_tokens(tokens)                                       # (T, h)
             # Layer i with its own slice of the cache, cache_k[i] and cache_v[i] (Hkv, S, hd).
             for i, (layer, cache_k, cache_v) in enumerate(zip(self.layers, self.cache_k, self.cache_v)):
-                a = rms_norm(x, layer.attn_norm, eps)
-                x = x + layer.attention(a, cache_k, cache_v, cos, sin, slots, seen, mask)
-                a = rms_norm(x, layer.mlp_norm, eps)
-                x = x + (layer.mlp(a) if mlp is None else mlp(i, a))
+                normed = rms_norm(x, layer.attn_norm, eps)
+                x = x + layer.attention(normed, cache_k, cache_v, cos, sin, slots, seen, mask)
+                normed = rms_norm(x, layer.mlp_norm, eps)
+                x = x + (layer.mlp(normed) if mlp is None else mlp(i, normed))
             if last_only:
                 x = x[-1:]                                                      # (1, h)
             return rms_norm(x, self.norm, eps) @ self.lm_head                   # (T, vocab)

@@ -286,7 +286,7 @@ def depth_nodes(depth, width):
     return range(0, 1) if depth == 0 else range(1 + (depth - 1) * width, 1 + depth * width)
 
 
-def tree_view(sees, pos, nodes, depth_of_node, width):
+def tree_pass_args(sees, pos, nodes, depth_of_node, width):
     """forward()'s `positions` and `mask` for `nodes` (a range of node ids) in slots pos + nodes: each
     token's RoPE position is pos + its depth, and it sees the verified prefix and its own ancestors.
     A chain needs neither (its slot order is its position order, and causal is right), nor does the root."""
@@ -330,7 +330,7 @@ def draft_tree(model, sparse_mlp, t0, pos, period, width, sampling: Sampling, ke
                 tree.draft_probs[below.start] = token_probs(logits[0], sampling)
         else:           # a tree: of the w·w children of depth d-1, the w likeliest paths
             logits = model(tokens, pos + above.start, mlp=sparse_mlp,
-                           **tree_view(tree.sees, pos, above, depth, width))                     # (w, V)
+                           **tree_pass_args(tree.sees, pos, above, depth, width))   # (w, V)
             logp, proposals = torch.log_softmax(logits.float() / ACCEPT_TEMPERATURE, -1).topk(width, dim=-1)
             path_score = (beam_score[:, None] + logp).flatten()              # (len(above) * w,) candidates
             beam_score, best = path_score.topk(width)                         # the best w, best first
@@ -355,7 +355,7 @@ def root_to_leaf_paths(tree, period, width):
 # --- Sirius: one period -----------------------------------------------------------------------------
 
 @dataclass
-class Period:
+class PeriodTrace:
     """One verification, for a trace (`on_period`): the chosen path and what the full model made of it."""
     pos: int             # the cache slot (and position) of t0
     window: list         # t0, then the chosen path's drafts d_1..d_{K-1}
@@ -377,13 +377,13 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
     writing sparse keys and values; the full model's pass rewrites all those slots with its own. Of the w
     paths the one with the longest kept prefix wins (ties: the likelier path); its nodes' keys and values move
     to slots pos..pos+a (a chain's are already there). All stays on the device up to one read-back. Returns
-    (kept drafts, next token as int and as a device tensor, Period or None); the cache is then valid through
-    t0 and the kept drafts, and the next period starts right after them ("roll back")."""
+    (kept drafts, next token as int and as a device tensor, PeriodTrace or None); the cache is then valid
+    through t0 and the kept drafts, and the next period starts right after them ("roll back")."""
     sampling = sampling or Sampling()
     rule = "threshold" if not strict else "argmax" if sampling.greedy else "speculative"
     tree = draft_tree(model, sparse_mlp, t0, pos, period, width, sampling, rule == "speculative", step)
     nodes = range(0, len(tree.tokens))
-    logits = model(tree.tokens, pos, **tree_view(tree.sees, pos, nodes, tree.depth, width))   # (N, V) full
+    logits = model(tree.tokens, pos, **tree_pass_args(tree.sees, pos, nodes, tree.depth, width))   # (N, V)
     kept, p_full = keep_drafts(logits, tree.parent, tree.tokens, rule, threshold, sampling, tree.draft_probs)
     paths = root_to_leaf_paths(tree, period, width)                        # (w, K)
     accepted = longest_kept_prefix(kept[paths[:, 1:]])                     # (w,) a per path
@@ -395,17 +395,17 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
     else:                                                                  # from the last kept node's logits
         next_token = choose_token(logits.index_select(0, path.index_select(0, a)), sampling)
     packed = torch.cat([best, a, next_token, tree.tokens[path[1:]]]).tolist()   # the one host sync
-    b, a, nxt, drafts = packed[0], packed[1], packed[2], packed[3:]
+    b, a, appended, drafts = packed[0], packed[1], packed[2], packed[3:]
     if width > 1:
         model.move_kv(pos + path[:a + 1], pos)                             # the back-gather
     trace = None
     if record:  # only for a trace: more read-backs, off the hot path
         p06 = acceptance_probs(logits, tree.parent, tree.tokens)[path[1:]].tolist()
-        trace = Period(pos, [int(t0)] + drafts, p06, a, nxt, accepted.tolist(), b, rule)
+        trace = PeriodTrace(pos, [int(t0)] + drafts, p06, a, appended, accepted.tolist(), b, rule)
         if rule == "speculative":
             trace.target_probs = p_full[path[:-1], tree.tokens[path[1:]]].tolist()
             trace.draft_probs = tree.draft_probs[path[1:], tree.tokens[path[1:]]].tolist()
-    return drafts[:a], nxt, next_token, trace
+    return drafts[:a], appended, next_token, trace
 
 
 def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0.5, period=16, width=1,
@@ -413,8 +413,8 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
            on_token=None, on_period=None):
     """Sirius generation: sparse drafts, corrected every `period` tokens by one full-model pass. Every
     window is a full K-token window, as in the paper's code: the last one may run past max_new_tokens, and
-    what it gains beyond is dropped. on_token(token, from_full) sees every emitted token; on_period(Period)
-    every verification."""
+    what it gains beyond is dropped. on_token(token, from_full) sees every emitted token;
+    on_period(PeriodTrace) every verification."""
     if sparsity not in ("fine", "coarse"):
         raise ValueError(f"Sirius corrects a sparse model: sparsity must be fine or coarse, got {sparsity!r}")
     if type(period) is not int or period < 2:

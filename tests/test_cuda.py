@@ -173,8 +173,8 @@ def tree_passes(model, prompt, tokens, backend, period=8, width=4):
     model(prompt, 0)
     with sdpa_kernel(backend):
         out = [model(tokens[nodes.start:nodes.stop], pos + nodes.start,
-                     **sirius_min.tree_view(sees, pos, nodes, depth, width)) for nodes in depths]
-        out.append(model(tokens[:n], pos, **sirius_min.tree_view(sees, pos, range(0, n), depth, width)))
+                     **sirius_min.tree_pass_args(sees, pos, nodes, depth, width)) for nodes in depths]
+        out.append(model(tokens[:n], pos, **sirius_min.tree_pass_args(sees, pos, range(0, n), depth, width)))
     return torch.cat(out).float()
 
 

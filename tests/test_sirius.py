@@ -18,7 +18,7 @@ from kernels import MLPWeights, dense_mlp, griffin_scores, n_kept, swiglu
 from bench import full_model_nll
 from sirius_min import (ACCEPT_TEMPERATURE, Sampling, cache_slots, depth_nodes, draft_tree, effective_density,
                         generate, keep_drafts, longest_kept_prefix, prefill_and_sparse_mlp,
-                        root_to_leaf_paths, sirius, tree_view)
+                        root_to_leaf_paths, sirius, tree_pass_args)
 
 GREEDY = Sampling()
 
@@ -412,10 +412,10 @@ def test_tree_attention_is_exact(request, name):
     for d in range(n):                                           # the sparse passes, depth by depth
         nodes = depth_nodes(d, width)
         z = model(tree.tokens[nodes.start:nodes.stop], pos + nodes.start, mlp=mlp,
-                  **tree_view(tree.sees, pos, nodes, tree.depth, width))
+                  **tree_pass_args(tree.sees, pos, nodes, tree.depth, width))
         check(z, nodes, mlp)
     every = range(len(tree.tokens))
-    full = model(tree.tokens, pos, **tree_view(tree.sees, pos, every, tree.depth, width))
+    full = model(tree.tokens, pos, **tree_pass_args(tree.sees, pos, every, tree.depth, width))
     check(full, every, None)
     # Not vacuous: without the tree mask the deepest nodes would see other branches and get other logits.
     assert rel_err(reference(tree.tokens, pos)[-1], full[-1]) > 1e-2
