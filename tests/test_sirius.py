@@ -805,3 +805,24 @@ def test_the_exactness_check_catches_a_wrong_rule(monkeypatch):
     stat, critical = chi_square(1.0, 1.0)
     print(f"wrong rule: chi-square {stat:.1f}, critical value (p = 0.001) {critical:.1f}")
     assert stat > 3 * critical
+
+
+def test_sirius_in_bfloat16(tmp_path):
+    """The whole loop in bf16 (the GPU default), chain and tree. Strict mode gives the model's own greedy
+    decoding up to a near-tie: where the two first differ, the dense model's logits of the two tokens are
+    within a few bf16 rounding steps (2^-8 of the logits' scale each) of each other. The paper's rule gains
+    more than one token per period."""
+    from conftest import TINY_CONFIG, write_checkpoint
+    from checkpoint import load_model
+    model = load_model(write_checkpoint(tmp_path, TINY_CONFIG), 128, torch.bfloat16)
+    prompt = torch.arange(10)
+    dense = generate(model, prompt, 30).tokens
+    for sparsity, width in (("fine", 1), ("coarse", 3)):
+        strict = sirius(model, prompt, 30, sparsity=sparsity, keep=0.25, period=4, width=width, strict=True)
+        assert strict.corrections > 0
+        differ = next((i for i, (x, y) in enumerate(zip(strict.tokens, dense)) if x != y), None)
+        if differ is not None:
+            z = model(torch.cat([prompt, torch.tensor(dense[:differ])]), 0)[-1].float()
+            gap = abs(float(z[dense[differ]] - z[strict.tokens[differ]]))
+            assert gap <= 4 * 2 ** -8 * float(z.abs().max()), f"not a near-tie at {differ}: {gap}"
+        assert sirius(model, prompt, 30, sparsity=sparsity, keep=0.25, period=4, width=width).aal > 1
