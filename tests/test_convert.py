@@ -300,7 +300,8 @@ def start_slow_writer(out):
 
 
 @pytest.mark.parametrize("sig,returncode", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM),
-                                            (signal.SIGHUP, -signal.SIGHUP)], ids=["ctrl-c", "sigterm", "sighup"])
+                                            (signal.SIGHUP, -signal.SIGHUP)],
+                         ids=["ctrl-c", "sigterm", "sighup"])
 def test_signal_mid_write_exits_quietly_and_leaves_nothing(tmp_path, sig, returncode):
     out = tmp_path / "cache" / "model"
     proc = start_slow_writer(out)
