@@ -150,6 +150,8 @@ def build_parser():
         g.add_argument("--max-new-tokens", type=num("--max-new-tokens"), default=n, help=f"(default: {n})")
         if c is bench:
             continue
+        g.add_argument("--compile", action="store_true", help="CUDA only: capture the one-token step in a "
+                       "CUDA graph (torch.compile; the first tokens wait for compiling)")
         g = c.add_argument_group("sampling (default: greedy, the paper's setting)")
         g.add_argument("--temperature", type=num("--temperature"), default=0.0, metavar="T",
                        help="0: greedy (default); else sample at T (at least 0.01; Sirius: --width 1)")
@@ -157,8 +159,6 @@ def build_parser():
                        help="sample from the smallest set of likeliest tokens holding P of the mass (1: off)")
         g.add_argument("--seed", type=num("--seed"), default=0, metavar="S",
                        help="seeds each method's own generator, so a run reproduces (default: 0)")
-        g.add_argument("--compile", action="store_true", help="CUDA only: capture the one-token step in a "
-                       "CUDA graph (torch.compile; the first tokens wait for compiling)")
     demo.add_argument("--prompt", default=DEMO_PROMPT, help="the prompt, or - to read it (UTF-8) from stdin")
     demo.add_argument("--few-shot", action=argparse.BooleanOptionalAction,
                       help="show eval's worked examples first (default: for the built-in prompt)")

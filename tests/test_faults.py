@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import select
 import shutil
 import signal
@@ -110,7 +111,7 @@ def test_values_refused_before_the_model_is_read(argv, says, capsys):
     assert says in error_of(argv + ["--model", "/nonexistent"], capsys)  # refused before the folder is read
 
 
-def test_requests_beyond_the_context_or_the_memory(tiny_dir, monkeypatch, capsys):
+def test_requests_beyond_the_context_or_the_memory(tiny_dir, tmp_path, monkeypatch, capsys):
     """Refused after the config, before the weights: answers and Sirius's cache beyond the model's context,
     weights and cache beyond the memory. Plain decoding does not need Sirius's window."""
     model = ["--model", str(tiny_dir), "--prompt", "hi"]
@@ -121,9 +122,16 @@ def test_requests_beyond_the_context_or_the_memory(tiny_dir, monkeypatch, capsys
            "--width 64), more than the model's context of 16384" in err
     run.main(model + ["--period", "1024", "--width", "64", "--sparsity", "dense", "--max-new-tokens", "2"])
     assert "--- dense ---" in capsys.readouterr().out
-    monkeypatch.setattr(folder, "available_memory", lambda device: 10 ** 5)
+    huge = tmp_path / "huge"  # a config whose MLP would take 77 TB (its weights are never read)
+    shutil.copytree(tiny_dir, huge)
+    (huge / "config.json").write_text(json.dumps({**json.loads((tiny_dir / "config.json").read_text()),
+                                                  "intermediate_size": 10 ** 11}))
+    err = error_of(["--model", str(huge), "--prompt", "hi", "--max-new-tokens", "2"], capsys)
+    mlp = 3 * 32 * 10 ** 11 * 2 * 4 / 2 ** 30  # gate, up, down: h x D each, 2 layers, 4 bytes: all but KBs
+    assert re.search(rf"this request needs at least {mlp:.1f} GiB on cpu .* GiB are available$", err), err
+    monkeypatch.setattr(folder, "available_memory", lambda device: 10 ** 5)  # and the cache counts too
     err = error_of(model + ["--max-new-tokens", "2"], capsys)
-    assert "this request needs at least" in err and "0.0 GiB are available" in err
+    assert "needs at least 0.0 GiB on cpu (weights, a KV cache of 18 slots" in err  # 2 + 2 - 1 + (16 - 1)
 
 
 # --- input paths of the wrong kind ----------------------------------------------------------------
@@ -252,6 +260,19 @@ def test_eval_out_that_cannot_be_written(tiny_dir, tmp_path, capsys):
     ro = read_only_folder(tmp_path)
     assert f"cannot write in {ro}" in error_of(model + [str(ro / "r.json")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"] + ["ro"] * (ro != Path("/sys"))
+
+
+def test_a_cache_folder_nothing_can_be_written_in(tmp_path, monkeypatch, capsys):
+    """The first run converts into $SIRIUS_MIN_CACHE: where nothing can be written, it says so at once (before
+    reading the GGUF), after the line that says it converts."""
+    cache = read_only_folder(tmp_path) / "cache"
+    monkeypatch.setenv("SIRIUS_MIN_CACHE", str(cache))
+    monkeypatch.setattr(convert_gguf, "open_gguf", lambda path: pytest.fail("the GGUF was read first"))
+    with pytest.raises(SystemExit) as e:
+        run.main(["--prompt", "hi"])
+    notice, err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and notice.startswith("sirius-min: converting the embedded GGUF once into")
+    assert err.startswith(f"error: {cache}/") and "cannot write the converted model" in err
 
 
 def test_convert_inputs_of_the_wrong_kind(tmp_path, monkeypatch, capsys):
