@@ -51,7 +51,7 @@ class Folder(NamedTuple):
 
 
 def open_model_folder(args) -> Folder:
-    """Threads, device and the model folder's config, tokenizer and prompt format (the weights come later)."""
+    """Threads, and the model folder's config, tokenizer and prompt format (the weights come later)."""
     torch.set_num_threads(args.threads)
     if args.model is None:
         from convert_gguf import default_model_dir
