@@ -17,7 +17,7 @@ import torch
 
 import kernels
 from model import Llama, LlamaConfig
-from folder import UsageError, encode, load_weights, open_model_folder
+from folder import UsageError, encode, load_weights, open_model_folder, read_text
 from sirius_min import (average_advance_length, effective_density, generate, one_token_step,
                         prefill_and_sparse_mlp, sirius, sirius_period, tree_pass_args)
 
@@ -58,13 +58,9 @@ def arithmetic_task(n=200, seed=0):
 
 
 def load_gsm8k(path):
-    """GSM8K's jsonl: {"question": ..., "answer": "... #### 42"} per line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as e:
-        raise UsageError(f"{path}: {e.strerror or e}") from None
+    """GSM8K's jsonl: {"question": ..., "answer": "... #### 42"} per line, UTF-8 (refused naming the line)."""
     problems = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_text(path, UsageError).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -73,10 +69,12 @@ def load_gsm8k(path):
             raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not {"question", "answer"} <= row.keys():
             raise UsageError(f"{path}:{n}: needs the fields 'question' and 'answer'")
+        if not isinstance(row["question"], str) or not row["question"].strip():
+            raise UsageError(f"{path}:{n}: the question must be a non-empty string")
         answer = extract_number(str(row["answer"])) if "####" in str(row["answer"]) else None
         if answer is None:
             raise UsageError(f"{path}:{n}: the answer does not end in '#### <number>'")
-        problems.append((str(row["question"]), answer))
+        problems.append((row["question"], answer))
     if not problems:
         raise UsageError(f"{path}: no questions in the file")
     return problems
@@ -88,56 +86,83 @@ def extract_number(text):
     return float(numbers[-1]) if numbers else None
 
 
-def check_out_path(out):
-    """--out is checked before an eval that may run for an hour: a writable file in an existing folder."""
-    p = Path(out)
+def check_out_path(out) -> Path:
+    """--out, checked before an eval that may run for an hour: a regular file or none yet, in a folder where
+    a file can be created (tried: permissions alone do not tell, e.g. for root or a read-only disk). Returns
+    the path to write; behind a symbolic link, its target."""
+    p = Path(out).resolve()
     if not out or p.is_dir():
         raise UsageError(f"--out {out!r}: expected a file name, not a folder")
-    if not p.resolve().parent.is_dir():
+    if p.exists() and not p.is_file():  # a device (/dev/full), a FIFO: replacing it is not writing it
+        raise UsageError(f"--out {out}: not a regular file")
+    if not p.parent.is_dir():
         raise UsageError(f"--out {out}: its folder does not exist")
-    if not os.access(p.resolve().parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+    if p.exists() and not os.access(p, os.W_OK):
         raise UsageError(f"--out {out}: not writable")
+    try:
+        open(temp_beside(p), "x").close()
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write in {p.parent} ({e.strerror})") from None
+    temp_beside(p).unlink()
+    return p
+
+
+def temp_beside(out: Path) -> Path:
+    return out.with_name(f".{out.name}.{os.getpid()}.tmp")  # this process's own: runs at once do not meet
+
+
+def write_json(report, out: Path):
+    """The report into a temporary file beside `out`, renamed over it once complete: `out` is whole or
+    untouched, whatever stops the writing (a full disk, a signal)."""
+    try:  # NaN (no period counted) is written as null: bare NaN is not JSON
+        temp_beside(out).write_text(json.dumps(nan_to_null(report), indent=2) + "\n", encoding="utf-8")
+        os.replace(temp_beside(out), out)
+    except OSError as e:
+        raise UsageError(f"--out {out}: {e.strerror or e}") from None
+    finally:
+        temp_beside(out).unlink(missing_ok=True)
+
+
+def decoding_options(args):
+    """generate()'s and sirius()'s sampling and compile options for one method, in the demo or a whole
+    eval: a generator of its own, seeded, so each method's samples reproduce whatever else runs."""
+    return dict(temperature=args.temperature, top_p=args.top_p, compile=args.compile,
+                generator=torch.Generator(args.device).manual_seed(args.seed))
 
 
 def evaluate(args):
-    if args.out is not None:
-        check_out_path(args.out)
+    out = check_out_path(args.out) if args.out is not None else None
     folder = open_model_folder(args)
     cfg, tok = folder.cfg, folder.tok
     problems = load_gsm8k(args.data) if args.data else arithmetic_task()
     problems = problems[:args.limit] if args.limit else problems
     prompts = [encode(args, folder, q, FEW_SHOT) for q, _ in problems]
     model = load_weights(args, cfg, max(len(p) for p in prompts))
-    eos, settings = folder.stop_ids, [(s, f) for s in args.sparsity for f in args.keep]
-    runs = {"dense": lambda p: generate(model, p, args.max_new_tokens, eos_ids=eos)}
-    for s, f in settings:
-        runs[("CS", s, f)] = lambda p, s=s, f=f: generate(model, p, args.max_new_tokens, eos_ids=eos,
-                                                          sparsity=s, keep=f)
+    eos, n = folder.stop_ids, args.max_new_tokens
+    settings = [(s, f) for s in args.sparsity for f in args.keep]
+    runs = {"dense": lambda p, o=decoding_options(args): generate(model, p, n, eos_ids=eos, **o)}
+    for s, f in settings:  # each method its own options (o), made once: its generator runs through the eval
+        runs[("CS", s, f)] = lambda p, s=s, f=f, o=decoding_options(args): generate(
+            model, p, n, eos_ids=eos, sparsity=s, keep=f, **o)
         for w in args.width:
-            runs[("Sirius", s, f, w)] = lambda p, s=s, f=f, w=w: sirius(
-                model, p, args.max_new_tokens, eos_ids=eos, sparsity=s, keep=f, period=args.period, width=w,
-                threshold=args.threshold, strict=args.strict)
+            runs[("Sirius", s, f, w)] = lambda p, s=s, f=f, w=w, o=decoding_options(args): sirius(
+                model, p, n, eos_ids=eos, sparsity=s, keep=f, period=args.period, width=w,
+                threshold=args.threshold, strict=args.strict, **o)
     log = {m: [] for m in runs}  # per question: (correct, full-model NLL, Result)
     started = time.perf_counter()
-    for n, ((_, answer), prompt) in enumerate(zip(problems, prompts), 1):
+    for i, ((_, answer), prompt) in enumerate(zip(problems, prompts), 1):
         for m, run in runs.items():
             res = run(prompt)
             log[m].append((extract_number(tok.decode(res.tokens)) == answer,
                            full_model_nll(model, prompt, res.tokens), res))
-        elapsed, tty, last = time.perf_counter() - started, sys.stderr.isatty(), n == len(problems)
-        if tty or last or n % max(1, len(problems) // 10) == 0:  # a pipe or a log gets a line per tenth
-            left = elapsed / n * (len(problems) - n)
-            print("\r" * tty + f"eval {n}/{len(problems)}, {elapsed:.0f} s, about {left:.0f} s left",
+        elapsed, tty, last = time.perf_counter() - started, sys.stderr.isatty(), i == len(problems)
+        if tty or last or i % max(1, len(problems) // 10) == 0:  # a pipe or a log gets a line per tenth
+            left = elapsed / i * (len(problems) - i)
+            print("\r" * tty + f"eval {i}/{len(problems)}, {elapsed:.0f} s, about {left:.0f} s left",
                   end="\n" if last or not tty else "", file=sys.stderr, flush=True)
     report = eval_report(log, settings, args)
-    if args.out is not None:
-        tmp = Path(f"{args.out}.tmp")
-        try:  # NaN (no period counted) is written as null: bare NaN is not JSON
-            tmp.write_text(json.dumps(nan_to_null(report), indent=2))
-            tmp.replace(args.out)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise UsageError(f"--out {args.out}: {e.strerror or e}") from None
+    if out is not None:
+        write_json(report, out)
 
 
 def nan_to_null(x):
@@ -151,7 +176,8 @@ def eval_report(log, settings, args):
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     acc = {m: mean([c for c, _, _ in rows]) for m, rows in log.items()}
     table, report = [], {"questions": len(log["dense"]), "period": args.period, "threshold": args.threshold,
-                         "strict": args.strict, "full": acc["dense"], "rows": []}
+                         "strict": args.strict, "temperature": args.temperature, "top_p": args.top_p,
+                         "seed": args.seed, "full": acc["dense"], "rows": []}
     for s, f in settings:
         for w in args.width:
             results = [r for _, _, r in log[("Sirius", s, f, w)]]
@@ -165,8 +191,10 @@ def eval_report(log, settings, args):
             table.append([s, f, w, f"{acc['dense']:.3f}", f"{cs:.3f}", f"{d:.3f}", f"{sir:.3f}",
                           f"{aal:.2f}/{args.period}", len(counted), f"{row['effective_density']:.3f}",
                           f"{row['recovered']:.0%}" if lost > 0 else "-"])
+    sampled = f"sampled at T = {args.temperature}, top-p {args.top_p}, seed {args.seed}"
     print(f"\n{len(log['dense'])} questions, K = {args.period}, threshold = {args.threshold}"
-          f"{', strict' if args.strict else ''}; AAL counts every period but each answer's last")
+          f"{', strict' if args.strict else ''}, {sampled if args.temperature > 0 else 'greedy'}; AAL counts "
+          f"every period but each answer's last")
     print_table(["sparsity", "f", "w", "full", "CS", "CS density", "Sirius", "AAL", "periods", "eff. density",
                  "recovered"], table)
     name = lambda m: m if m == "dense" else " ".join(map(str, m))  # noqa: E731

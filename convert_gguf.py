@@ -339,8 +339,13 @@ def convert(gguf_path, out_dir, replace=False) -> Path:
     """Convert a GGUF Llama into out_dir; out_dir appears only once it is complete. replace=True: an existing
     out_dir (the cache's older conversion) is swapped for the new one, then deleted."""
     out_dir = Path(out_dir).expanduser().absolute()
+    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a folder")
     if out_dir.exists() and not _is_empty_dir(out_dir) and not replace:
         raise ValueError(f"{out_dir}: already exists and is not empty; remove it or pick another folder")
+    with _disk_errors_name(out_dir):  # a folder we cannot write in shows now, not after reading the GGUF
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _make_temp_dir(out_dir).rmdir()
 
     reader = open_gguf(gguf_path)
     try:
@@ -351,7 +356,7 @@ def convert(gguf_path, out_dir, replace=False) -> Path:
     except ValueError as e:
         raise ValueError(f"{gguf_path}: {e}") from None
 
-    with _sigterm_unwinds(), _disk_errors_name(out_dir):
+    with _stop_signals_unwind(), _disk_errors_name(out_dir):
         # Write next to out_dir (same filesystem) so the final rename is atomic.
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp_dirs(out_dir)
@@ -369,7 +374,7 @@ def convert(gguf_path, out_dir, replace=False) -> Path:
                 raise ValueError(f"{out_dir}: appeared while converting; left it untouched") from None
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-        except BaseException:  # including Ctrl-C and SIGTERM (see _sigterm_unwinds)
+        except BaseException:  # including Ctrl-C, SIGTERM and SIGHUP (see _stop_signals_unwind)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out_dir
@@ -443,35 +448,41 @@ def _is_running(pid: int) -> bool:
 
 
 class _Terminated(BaseException):
-    """SIGTERM, raised where the program was; a BaseException, so no `except Exception` swallows it."""
+    """SIGTERM or SIGHUP, raised where the program was; a BaseException, so no `except Exception` takes it."""
+
+
+UNWINDING = (signal.SIGTERM, signal.SIGHUP)  # "stop now" from kill, a service manager, a closed terminal
 
 
 @contextlib.contextmanager
-def _sigterm_unwinds():
-    """Let SIGTERM run the temp folder's cleanup, then still end the process by SIGTERM.
+def _stop_signals_unwind():
+    """Let SIGTERM and SIGHUP run the temp folder's cleanup, then still end the process by that signal.
 
-    By default SIGTERM kills at once and leaves a half-written temp folder behind. Only the main thread
-    may set handlers, and a program that installed its own SIGTERM handler keeps it.
+    By default they kill at once and leave a half-written temp folder behind. Only the main thread may set
+    handlers, and a program that installed its own handler for a signal keeps it (run.py does the same).
     """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+    mine = [s for s in UNWINDING if signal.getsignal(s) == signal.SIG_DFL]
+    if threading.current_thread() is not threading.main_thread() or not mine:
         yield
         return
 
     def unwind(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-        raise _Terminated
+        for s in mine:
+            signal.signal(s, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+        raise _Terminated(signum)
 
-    signal.signal(signal.SIGTERM, unwind)
+    for s in mine:
+        signal.signal(s, unwind)
     try:
         yield
-    except _Terminated:
-        # Cleaned up; now die of SIGTERM after all, so our parent sees what it would have without us.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+    except _Terminated as e:
+        # Cleaned up; now die of the signal after all, so our parent sees what it would have without us.
+        signal.signal(e.args[0], signal.SIG_DFL)
+        os.kill(os.getpid(), e.args[0])
         raise  # not reached: the signal is delivered before os.kill returns
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in mine:
+            signal.signal(s, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

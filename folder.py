@@ -10,7 +10,10 @@ later (load_weights), once the longest prompt fixes the size of the KV cache.
 import datetime
 import functools
 import json
+import os
 import re
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -18,6 +21,7 @@ from typing import NamedTuple
 import torch
 from tokenizers import Tokenizer
 
+import kernels
 from checkpoint import CheckpointError, load_model, read_config
 from model import LlamaConfig
 from sirius_min import cache_slots
@@ -47,12 +51,8 @@ class Folder(NamedTuple):
 
 
 def open_model_folder(args) -> Folder:
-    """Threads, device and the model folder's config, tokenizer and prompt format (the weights come later)."""
+    """Threads, and the model folder's config, tokenizer and prompt format (the weights come later)."""
     torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    if args.device == "cpu" and args.dtype == "float16":
-        raise UsageError("--dtype float16 is very slow in PyTorch's CPU products: use float32 or bfloat16")
     if args.model is None:
         from convert_gguf import default_model_dir
         try:  # the first run converts the embedded model; what can go wrong there is the installation's
@@ -64,12 +64,49 @@ def open_model_folder(args) -> Folder:
     return Folder(cfg, tok, read_prompting(args.model, tok), read_stop_ids(args.model, cfg))
 
 
+def read_text(path, error=CheckpointError) -> str:
+    """A UTF-8 text file's content, or `error` in one line naming the file: missing (or a dangling link),
+    not a regular file (a folder; a FIFO, which would block a plain open; a device), unreadable, or not UTF-8
+    (naming the line). Opened without blocking, and its kind read from what was opened."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        why = "a dangling symbolic link" if path.is_symlink() else "no such file"
+        raise error(f"{path}: {why}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device"
+            raise error(f"{path}: not a regular file ({kind})")
+        with open(fd, "rb", closefd=False) as f:
+            raw = f.read()
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise error(f"{path}: line {line} is not valid UTF-8") from None
+
+
+def present(path: Path) -> bool:
+    """Whether an optional file of the folder is there: anything by that name, a broken link included, is
+    read (and refused by read_text if it is not a readable UTF-8 file), not silently skipped."""
+    return path.exists() or path.is_symlink()
+
+
 def load_tokenizer(model_dir, vocab_size=None) -> Tokenizer:
     path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
+    if not present(path):
         raise CheckpointError(f"no tokenizer.json in {model_dir}")
+    text = read_text(path)
     try:
-        tok = Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_str(text)
     except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
         raise CheckpointError(f"{path}: cannot read tokenizer ({e})") from None
     top = max(tok.get_vocab(with_added_tokens=True).values(), default=0)
@@ -80,11 +117,9 @@ def load_tokenizer(model_dir, vocab_size=None) -> Tokenizer:
 
 def read_json_object(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:  # its message gives the line and column
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
@@ -94,16 +129,16 @@ def read_prompting(model_dir, tok: Tokenizer) -> Prompting:
     """The chat template and special tokens of tokenizer_config.json; a folder without one prompts in plain
     text, with the BOS (or none) that its tokenizer.json adds."""
     path = Path(model_dir) / "tokenizer_config.json"
-    conf = read_json_object(path) if path.is_file() else {}
+    conf = read_json_object(path) if present(path) else {}
     template, source = conf.get("chat_template"), path
     if isinstance(template, list):  # several named templates (e.g. "default", "tool_use"): the default one
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         if "default" not in named:
             raise CheckpointError(f"{path}: chat_template lists no template named 'default'")
         template = named["default"]
-    if (Path(model_dir) / "chat_template.jinja").is_file():  # where newer transformers save it; it wins
+    if present(Path(model_dir) / "chat_template.jinja"):  # where newer transformers save it; it wins
         source = Path(model_dir) / "chat_template.jinja"
-        template = source.read_text(encoding="utf-8", errors="replace")
+        template = read_text(source)
     if template is not None and not isinstance(template, str):
         raise CheckpointError(f"{path}: chat_template must be a string, got {type(template).__name__}")
     bos, eos = (token_text(conf.get(k), path, k) for k in ("bos_token", "eos_token"))
@@ -129,7 +164,7 @@ def read_stop_ids(model_dir, cfg) -> list:
     """Token ids that end an answer: config.json's eos_token_id and generation_config.json's (where e.g.
     Llama-3-Instruct lists its end of turn, <|eot_id|>). Nothing is guessed from token spellings."""
     stops, path = set(cfg.eos_token_id), Path(model_dir) / "generation_config.json"
-    if path.is_file():
+    if present(path):
         eos = read_json_object(path).get("eos_token_id")
         eos = [] if eos is None else [eos] if type(eos) is int else eos
         if not isinstance(eos, list) or not all(type(e) is int and 0 <= e < cfg.vocab_size for e in eos):
@@ -189,8 +224,8 @@ def chat_ids(tok: Tokenizer, prompting: Prompting, messages) -> list:
     message holds a control token: typed by the user, it is spelled out as text. Each message's text is
     stripped first, as many templates do: otherwise it could not be found in the rendered text."""
     texts = [m["content"].strip() for m in messages]
-    # Render once with a mark in place of each message's text, then put the texts in, noting where each lands.
-    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]  # no template writes these
+    # Render once with a mark in place of each message's text, then put the texts in, noting where they go.
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]  # in no template
     parts = re.split("\ue000(\\d+)\ue001", render(prompting, marked))  # template text, message number, ...
     text, spans = parts[0], []
     for n, after in zip(parts[1::2], parts[2::2]):
@@ -228,6 +263,23 @@ def as_text(tok: Tokenizer, text: str, add_special_tokens=False) -> list:
         tok.encode_special_tokens = False
 
 
+STDIN_LIMIT = 1 << 24  # a prompt beyond 16 MiB fits no context; and /dev/zero would never end
+
+
+def read_stdin_prompt() -> str:
+    """`--prompt -`: the prompt from standard input, UTF-8, at most STDIN_LIMIT bytes."""
+    if sys.stdin is None:
+        raise UsageError("--prompt -: standard input is closed")
+    data = sys.stdin.buffer.read(STDIN_LIMIT + 1)
+    if len(data) > STDIN_LIMIT:
+        raise UsageError(f"the prompt on stdin is longer than {STDIN_LIMIT >> 20} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError(f"the prompt on stdin is not valid UTF-8 (line {line})") from None
+
+
 def encode(args, folder: Folder, text: str, examples=()) -> torch.Tensor:
     """A user's prompt as the model's input ids, checked (not empty, valid UTF-8, fits the context)."""
     if not text.strip():
@@ -246,10 +298,41 @@ def encode(args, folder: Folder, text: str, examples=()) -> torch.Tensor:
     return torch.tensor(ids, device=args.device)
 
 
-def load_weights(args, cfg, longest_prompt):
-    """Load the weights with a KV cache just long enough for the longest request (and its tree)."""
+def load_weights(args, cfg, longest_prompt, sirius=True):
+    """The weights, with a KV cache just long enough for the longest request and, if Sirius runs
+    (`sirius`), its last window. Refused before a byte of weights is read: a request whose cache would not
+    fit the model's context, or whose weights and cache would not fit the memory."""
     dtype = torch.bfloat16 if args.dtype == "auto" and args.device == "cuda" else \
         torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
     width = max(args.width) if isinstance(args.width, list) else args.width
-    return load_model(args.model, cache_slots(longest_prompt, args.max_new_tokens, args.period, width),
-                      dtype, args.device)
+    period, width = (args.period, width) if sirius else (1, 1)
+    slots = cache_slots(longest_prompt, args.max_new_tokens, period, width)
+    if slots > cfg.max_position_embeddings:  # plain decoding fits: encode checked prompt + max_new_tokens
+        raise UsageError(f"Sirius needs {slots} cache slots (prompt {longest_prompt} + --max-new-tokens "
+                         f"{args.max_new_tokens} - 1 + (--period {period} - 1) x --width {width}), more than "
+                         f"the model's context of {cfg.max_position_embeddings}: lower one of them")
+    check_memory(cfg, slots, 1 + (period - 1) * width, dtype, args.device)
+    return load_model(args.model, slots, dtype, args.device)
+
+
+def check_memory(cfg, slots, window, dtype, device):
+    """Refuse a request that cannot fit: the weights, the KV cache and one verify pass's logits (window, V)
+    in float32 are held at once, a lower bound on what a run needs."""
+    size = torch.finfo(dtype).bits // 8
+    cache = 2 * cfg.num_hidden_layers * slots * cfg.num_key_value_heads * cfg.head_dim * size
+    need = kernels.param_count(cfg) * size + cache + window * cfg.vocab_size * 4
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise UsageError(f"this request needs at least {need / 2 ** 30:.1f} GiB on {device} (weights, a KV "
+                         f"cache of {slots} slots, a verify pass), {free / 2 ** 30:.1f} GiB are available")
+
+
+def available_memory(device):
+    """Bytes free for new tensors on device: CUDA's count, or Linux's MemAvailable (None: not known)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None

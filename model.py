@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
 @dataclass
@@ -86,7 +85,7 @@ def grouped_attention(q, k, v, mask):
     g*T, hd), and the mask repeated per head: plain masked attention, which SDPA's memory-efficient kernel
     takes (a bool mask with enable_gqa leaves only the math kernel, which copies K/V per query head).
     """
-    if mask is None or isinstance(mask, CausalBias):
+    if not isinstance(mask, torch.Tensor):                  # None, or a chain's CausalBias
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     _, H, T, hd = q.shape
     g = H // k.shape[1]
@@ -201,7 +200,8 @@ class Llama(nn.Module):
             seen, slots = start_pos + T, slice(start_pos, start_pos + T)
             if seen > S:
                 raise ValueError(f"slot {seen} is beyond the cache ({S}): load with more")
-            if mask is None and T > 1:   # a chain: causal from the last slot back
+            if mask is None and T > 1:   # a chain: causal from the last slot back (imported here: it loads
+                from torch.nn.attention.bias import causal_lower_right    # torch._dynamo, 1.5 s at start)
                 mask = causal_lower_right(T, seen)
         at = slots if positions is None else positions             # RoPE positions: by default, the slots
         eps = self.cfg.rms_norm_eps

@@ -5,9 +5,10 @@
     python run.py eval --limit 20       # the paper's table on a bundled arithmetic task (or --data GSM8K)
     python run.py bench                 # ms/token and MLP kernel times against their ideal ratios (bench.py)
 
-A mistake in the command (a flag, a file, a model folder, a prompt) ends in one `error:` line on stderr and
-exit code 2, with nothing half-written on disk; Ctrl-C exits with 130; anything else is a bug and shows
-its traceback.
+A mistake in the command (a value out of range, a file of the wrong kind, a model folder, a prompt, a request
+too big for the model's context or the memory) and output that cannot be written end in one `error:` line on
+stderr and exit code 2, with nothing half-written on disk; Ctrl-C exits with 130; SIGTERM and SIGHUP clean
+up, then end the process by the same signal; anything else is a bug and shows its traceback.
 """
 import signal
 import sys
@@ -17,18 +18,59 @@ if __name__ == "__main__":  # Ctrl-C while torch is still importing: leave as qu
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `run.py | head` ends quietly, like other shell tools
 
 import argparse  # noqa: E402
+import io  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
+
+import torch  # noqa: E402
 
 import bench  # noqa: E402
-from bench import FEW_SHOT, print_table  # noqa: E402
-from folder import UsageError, encode, load_weights, open_model_folder  # noqa: E402
+from bench import FEW_SHOT, decoding_options, print_table  # noqa: E402
+from folder import UsageError, encode, load_weights, open_model_folder, read_stdin_prompt  # noqa: E402
 from checkpoint import CheckpointError  # noqa: E402
 from sirius_min import generate, sirius  # noqa: E402
 
 DEMO_PROMPT = "Mia buys 4 packs of stickers with 6 stickers in each pack. How many stickers does she have?"
 
 
-# --- arguments ------------------------------------------------------------------------------------
+# --- what the command line accepts ----------------------------------------------------------------
+# Every number a flag takes, with the values the code below can honour: (kind, lowest, highest, lowest
+# excluded). argparse refuses the rest, nan and inf too. What depends on the model (its context, the memory)
+# is checked once its config is read, before its weights: folder.encode and folder.load_weights.
+NUMBERS = {
+    "--threads": (int, 1, os.cpu_count() or 1, False),   # torch.set_num_threads crashes far above the cores
+    "--keep": (float, 0, 1, True),             # f, a fraction of the MLP's neurons (at least one is kept)
+    "--period": (int, 2, 1024, False),         # K: a full pass per K-1 drafts (and the context bounds it)
+    "--width": (int, 1, 64, False),            # w: drafts per depth, (K-1)·w cache slots per window
+    "--threshold": (float, 0, 1, False),       # a probability
+    "--max-new-tokens": (int, 1, math.inf, False),  # the prompt and the answer fit the context (encode)
+    "--limit": (int, 1, math.inf, False),      # more than the task holds: all of it
+    "--temperature": (float, 0, math.inf, False),   # 0: greedy; not in (0, 0.01), see RULES
+    "--top-p": (float, 0, 1, True),            # 1: off
+    "--seed": (int, 0, 2 ** 64 - 1, False),    # what torch.Generator.manual_seed takes
+}
+
+
+def runs_sirius(a):  # the demo does not with --sparsity dense
+    return a.command != "demo" or a.sparsity != "dense"
+
+
+# Values refused together, before the model folder is read: (refused if, why).
+RULES = [
+    (lambda a: a.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device found"),
+    (lambda a: a.device == "cpu" and a.dtype == "float16",
+     "--dtype float16 is very slow in PyTorch's CPU products: use float32 or bfloat16"),
+    (lambda a: a.compile and a.device == "cpu", "--compile is for CUDA: on a CPU torch.compile took 209 s to "
+     "compile the step, which then ran 3.5x slower than eager"),
+    (lambda a: 0 < a.temperature < 0.01, "--temperature: 0 (greedy) or at least 0.01 (below, sampling is "
+     "greedy in all but name, and a tiny T overflows logits / T)"),
+    (lambda a: a.temperature > 0 and runs_sirius(a)
+     and max([a.width] if a.command == "demo" else a.width) > 1,
+     "sampling drafts a chain: --width 1 with --temperature > 0 (sampling from a tree is another algorithm)"),
+    (lambda a: a.command == "demo" and a.sirius and a.sparsity == "dense",
+     "--sirius needs a sparse model to correct: --sparsity fine or coarse"),
+]
+
 
 def number(kind, low, high=math.inf, low_open=False):
     """An argparse type: a number of `kind` in [low, high] ((low, high] if low_open), nan and inf refused."""
@@ -37,7 +79,7 @@ def number(kind, low, high=math.inf, low_open=False):
             x = kind(s)
         except ValueError:
             x = None
-        if x is None or not (low < x if low_open else low <= x) or not x <= high or not math.isfinite(x):
+        if x is None or not (low < x if low_open else low <= x) or not x <= high or x == math.inf:
             where = f"{'(' if low_open else '['}{low}, {high}]" if high < math.inf else f">= {low}"
             raise argparse.ArgumentTypeError(f"expected a {'whole ' * (kind is int)}number {where}: {s!r}")
         return x
@@ -59,45 +101,64 @@ class Parser(argparse.ArgumentParser):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
+    def exit(self, status=0, message=None):  # after --help: its text may fail to be written (see Stdout)
+        sys.stdout.flush()
+        super().exit(status, message)
+
 
 def build_parser():
     """Three commands (demo is the default) sharing the model and sparsity options."""
+    num = lambda flag: number(*NUMBERS[flag])  # noqa: E731
     shared = argparse.ArgumentParser(add_help=False)
     m = shared.add_argument_group("model")
     m.add_argument("--model", metavar="DIR", help="a Hugging Face Llama folder (default: SmolLM2)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: %(default)s)")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
-    m.add_argument("--threads", type=number(int, 1), default=1, help="CPU threads (1: clean ratios)")
+    m.add_argument("--threads", type=num("--threads"), default=1,
+                   help=f"CPU threads, 1 to {NUMBERS['--threads'][2]} (1: clean ratios)")
     m.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="render prompts with the folder's chat template, if it has one (default: on)")
     s = shared.add_argument_group("sparsity and Sirius")
-    s.add_argument("--period", type=number(int, 2, 1024), default=16, help="K: tokens per full check (16)")
-    s.add_argument("--threshold", type=number(float, 0, 1), default=0.1,
+    s.add_argument("--period", type=num("--period"), default=16, help="K: tokens per full check (16)")
+    s.add_argument("--threshold", type=num("--threshold"), default=0.1,
                    help="keep a draft while the full model gives it at least this probability (0.1)")
-    s.add_argument("--strict", action="store_true", help="keep a draft only if it is the full model's argmax")
+    s.add_argument("--strict", action="store_true", help="keep a draft only if it is the full model's argmax "
+                   "(with --temperature > 0: exact speculative sampling)")
     p = Parser(prog="run.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
                formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", parser_class=Parser)
     demo = commands.add_parser("demo", parents=[shared], help="(default) one prompt, three ways")
     ev = commands.add_parser("eval", parents=[shared], help="accuracy, AAL and effective density on a task")
     bench = commands.add_parser("bench", parents=[shared], help="decode speed beside ideal ratios")
+    bench.set_defaults(temperature=0.0, top_p=1.0, seed=0, compile=False)  # bench decodes greedily, eagerly
     for c, sparsity, n in ((demo, "coarse", 128), (ev, "fine,coarse", 160), (bench, "fine,coarse", 128)):
         g = c.add_argument_group("what to run")
         if c is demo:
             g.add_argument("--sparsity", default=sparsity, choices=["dense", "fine", "coarse"],
                            help="fine: top-k per token; coarse: GRIFFIN, once per prompt (coarse)")
-            g.add_argument("--keep", type=number(float, 0, 1, True), default=0.5,
+            g.add_argument("--keep", type=num("--keep"), default=0.5,
                            help="f: the kept fraction of MLP neurons (0.5)")
-            g.add_argument("--width", type=number(int, 1, 64), default=1, help="w: tree width (1: a chain)")
+            g.add_argument("--width", type=num("--width"), default=1, help="w: tree width (1: a chain)")
         else:
             g.add_argument("--sparsity", type=listed(names=("fine", "coarse")), default=sparsity.split(","),
                            help=f"comma-separated: fine, coarse (default: {sparsity})")
-            g.add_argument("--keep", type=listed(number(float, 0, 1, True)), default=[0.5],
+            g.add_argument("--keep", type=listed(num("--keep")), default=[0.5],
                            help="comma-separated kept fractions f (default: 0.5)")
-            g.add_argument("--width", type=listed(number(int, 1, 64)), default=[1],
+            g.add_argument("--width", type=listed(num("--width")), default=[1],
                            help="comma-separated tree widths w (default: 1)")
-        g.add_argument("--max-new-tokens", type=number(int, 1), default=n, help=f"(default: {n})")
+        g.add_argument("--max-new-tokens", type=num("--max-new-tokens"), default=n, help=f"(default: {n})")
+        if c is bench:
+            continue
+        g.add_argument("--compile", action="store_true", help="CUDA only: capture the one-token step in a "
+                       "CUDA graph (torch.compile; the first tokens wait for compiling)")
+        g = c.add_argument_group("sampling (default: greedy, the paper's setting)")
+        g.add_argument("--temperature", type=num("--temperature"), default=0.0, metavar="T",
+                       help="0: greedy (default); else sample at T (at least 0.01; Sirius: --width 1)")
+        g.add_argument("--top-p", type=num("--top-p"), default=1.0, metavar="P",
+                       help="sample from the smallest set of likeliest tokens holding P of the mass (1: off)")
+        g.add_argument("--seed", type=num("--seed"), default=0, metavar="S",
+                       help="seeds each method's own generator, so a run reproduces (default: 0)")
     demo.add_argument("--prompt", default=DEMO_PROMPT, help="the prompt, or - to read it (UTF-8) from stdin")
     demo.add_argument("--few-shot", action=argparse.BooleanOptionalAction,
                       help="show eval's worked examples first (default: for the built-in prompt)")
@@ -105,7 +166,7 @@ def build_parser():
     demo.add_argument("--trace", action="store_true", help="after the answer, show every Sirius period")
     demo.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
     ev.add_argument("--data", metavar="FILE.jsonl", help="GSM8K-format questions (default: the bundled task)")
-    ev.add_argument("--limit", type=number(int, 1), help="use only the first N questions")
+    ev.add_argument("--limit", type=num("--limit"), help="use only the first N questions")
     ev.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
     bench.add_argument("--quick", action="store_true", help="a smoke test: one round, no Llama-3-8B shapes")
     return p
@@ -140,34 +201,29 @@ class Printer:
 
 def demo(args):
     folder = open_model_folder(args)
-    tok = folder.tok
-    if args.sirius and args.sparsity == "dense":
-        raise UsageError("--sirius needs a sparse model to correct: --sparsity fine or coarse")
-    text = args.prompt
-    if text == "-":
-        try:
-            text = sys.stdin.buffer.read().decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError("the prompt on stdin is not valid UTF-8") from None
+    tok, eos, n = folder.tok, folder.stop_ids, args.max_new_tokens
+    text = read_stdin_prompt() if args.prompt == "-" else args.prompt
     text = text.removeprefix("\ufeff")  # a byte-order mark some editors put first is not part of the prompt
     few_shot = args.prompt == DEMO_PROMPT if args.few_shot is None else args.few_shot
     prompt = encode(args, folder, text, FEW_SHOT if few_shot else ())
-    model = load_weights(args, folder.cfg, len(prompt))
-    color, eos, periods = sys.stdout.isatty() and not args.no_color, folder.stop_ids, []
-    n, opts = args.max_new_tokens, dict(eos_ids=eos, sparsity=args.sparsity, keep=args.keep)
-    runs = [] if args.sirius else [("dense", lambda cb: generate(model, prompt, n, eos_ids=eos, on_token=cb))]
-    if not args.sirius and args.sparsity != "dense":
-        runs.append((f"{args.sparsity} sparse", lambda cb: generate(model, prompt, n, **opts, on_token=cb)))
-    if args.sparsity != "dense":
-        runs.append((f"Sirius ({args.sparsity}{f', w={args.width}' * (args.width > 1)})", lambda cb: sirius(
-            model, prompt, n, **opts, period=args.period, width=args.width,
-            threshold=args.threshold, strict=args.strict, on_token=cb,
-            on_period=periods.append if args.trace else None)))
-    print(f"prompt: {printable(text.strip())}" + f"  (after {len(FEW_SHOT)} worked examples)" * few_shot)
+    model = load_weights(args, folder.cfg, len(prompt), sirius=runs_sirius(args))
+    color, periods = sys.stdout.isatty() and not args.no_color, []
+    runs = [] if args.sirius else ["dense"] + [f"{args.sparsity} sparse"] * runs_sirius(args)
+    runs += [f"Sirius ({args.sparsity}{f', w={args.width}' * (args.width > 1)})"] * runs_sirius(args)
+    sampled = f"; sampled at T = {args.temperature}, top-p {args.top_p}, seed {args.seed}"
+    print(f"prompt: {printable(text.strip())}" + f"  (after {len(FEW_SHOT)} worked examples)" * few_shot
+          + sampled * (args.temperature > 0))
     rows = []
-    for name, go in runs:
+    for name in runs:
         print(f"\n--- {name} ---")
-        res = go(Printer(tok, color and name.startswith("Sirius")))
+        opts = dict(eos_ids=eos, keep=args.keep, on_token=Printer(tok, color and name.startswith("Sirius")),
+                    **decoding_options(args))
+        if name.startswith("Sirius"):
+            res = sirius(model, prompt, n, sparsity=args.sparsity, period=args.period, width=args.width,
+                         threshold=args.threshold, strict=args.strict,
+                         on_period=periods.append if args.trace else None, **opts)
+        else:
+            res = generate(model, prompt, n, sparsity=name.split()[0], **opts)
         print()
         rows.append((name, res))
     if color and args.sparsity != "dense":
@@ -183,11 +239,29 @@ def demo(args):
         print_trace(tok, periods, args, eos)
 
 
+RULE = {  # the trace's header: how a draft was judged
+    "threshold": "the paper's rule: a draft is kept while the full model gives it p >= {threshold} at "
+                 "temperature 0.6",
+    "argmax": "strict: a draft is kept while it is the full model's argmax (p: its probability at 0.6)",
+    "speculative": "strict, sampled: a draft is kept with probability min(1, p/q), p and q its probability "
+                   "at T = {temperature}\nunder the full and the sparse model (exact speculative sampling)"}
+
+
+def rejected(p, threshold):
+    """Why the first draft after the kept ones failed its rule (i: its index among the drafts)."""
+    i = p.accepted
+    if p.rule == "threshold":  # 4 digits: 0.0999 must not read as 0.100 < 0.1
+        return f"p {p.probs[i]:.4g} < {threshold}"
+    if p.rule == "argmax":
+        return "not the full model's argmax"
+    return f"rejected with probability 1 - p/q = {1 - p.target_probs[i] / p.draft_probs[i]:.3f}"
+
+
 def print_trace(tok, periods, args, eos, width=104):
-    """One block per period: t0 and the drafts of the chosen path, each draft's probability under the full
-    model at temperature 0.6, a bar where the kept run ends, and what the full model appended."""
-    rule = "argmax" if args.strict else f"threshold {args.threshold}"
-    print(f"\nSirius, period by period ({rule}; | marks the end of the kept drafts)")
+    """One block per period: t0 and the drafts of the chosen path with what the rule judged each by, a bar
+    where the kept run ends, why the next draft was rejected, and what the full model appended."""
+    print("\nSirius, period by period (| marks the end of the kept drafts)\n"
+          + RULE[periods[0].rule].format(**vars(args)))
     for n, p in enumerate(periods, 1):
         kind = "bonus" if p.accepted == len(p.window) - 1 else "correction"
         beams = f"; beam {p.chosen + 1}/{len(p.beams)}, kept per beam {p.beams}" if len(p.beams) > 1 else ""
@@ -195,9 +269,10 @@ def print_trace(tok, periods, args, eos, width=104):
         stop = next((t for t in p.window[1:p.accepted + 1] if t in eos), None)
         then = f"stopped at {show(stop)}" if stop is not None else f"then {show(p.appended)} ({kind})"
         print(f"\nperiod {n}, position {p.pos}: kept {p.accepted}/{len(p.window) - 1}, {then}{beams}")
-        cells = [(show(t), "t0" if i == 0 else f"{p.probs[i - 1]:.3f}")
-                 for i, t in enumerate(p.window)]
-        cells.insert(p.accepted + 1, ("|", "|"))
+        judged = ([(f"p {x:.3f}", f"q {y:.3f}") for x, y in zip(p.target_probs, p.draft_probs)]
+                  if p.rule == "speculative" else [(f"{x:.3f}",) for x in p.probs])  # what the rule read
+        cells = [(show(t), *j) for t, j in zip(p.window, [("t0", "", "")[:len(judged[0])]] + judged)]
+        cells.insert(p.accepted + 1, ("|",) * len(cells[0]))
         lines, line = [], []
         for cell in cells:
             if line and sum(max(map(len, c)) + 2 for c in line + [cell]) > width:  # 2 spaces before each
@@ -206,20 +281,50 @@ def print_trace(tok, periods, args, eos, width=104):
             line.append(cell)
         for line in lines + [line]:
             w = [max(map(len, c)) for c in line]
-            print("  " + "  ".join(c[0].ljust(x) for c, x in zip(line, w)).rstrip())
-            print("  " + "  ".join(c[1].ljust(x) for c, x in zip(line, w)).rstrip())
+            for row in range(len(cells[0])):
+                print("  " + "  ".join(c[row].ljust(x) for c, x in zip(line, w)).rstrip())
+        if kind == "correction" and stop is None:
+            print(f"  draft {show(p.window[p.accepted + 1])}: {rejected(p, args.threshold)}")
 
 
 # --- entry point ----------------------------------------------------------------------------------
+
+class Stdout(io.FileIO):
+    """Standard output from the shell: a write that fails (a full disk, /dev/full, a terminal gone) is a
+    UsageError, and the rest goes to /dev/null so that exiting does not fail on it again. (A closed pipe
+    never gets here: SIGPIPE ends the process quietly.)"""
+
+    def write(self, data):
+        try:
+            return super().write(data)
+        except OSError as e:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.fileno())
+            raise UsageError(f"cannot write the output ({e.strerror or e})") from None
+
+
+class Signalled(BaseException):
+    """SIGTERM or SIGHUP, raised where the program was, so that `finally` blocks remove what is half-written
+    (the first run's conversion, eval's --out); a BaseException, so no `except Exception` takes it."""
+
+
+def unwind(signum, frame):
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+    raise Signalled(signum)
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in ("demo", "eval", "bench", "-h", "--help"):
         argv = ["demo", *argv]
-    args = build_parser().parse_args(argv)
     commands = {"demo": demo, "eval": bench.evaluate, "bench": bench.bench}  # the measurements: bench.py
     try:
+        args = build_parser().parse_args(argv)
+        for refused, why in RULES:
+            if refused(args):
+                raise UsageError(why)
         commands[args.command](args)
+        sys.stdout.flush()  # output to a file is buffered: a full disk shows here
     except (UsageError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -228,4 +333,16 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, unwind)
+    if sys.stdout is None:  # started with standard output closed (`>&-`)
+        print("error: cannot write the output (standard output is closed)", file=sys.stderr)
+        sys.exit(2)
+    out = sys.stdout
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(Stdout(out.fileno(), "w", closefd=False)), out.encoding,
+                                  out.errors, line_buffering=out.line_buffering)
+    try:
+        main()
+    except Signalled as e:  # cleaned up: now end by the signal, so the parent sees what it sent
+        signal.signal(e.args[0], signal.SIG_DFL)
+        os.kill(os.getpid(), e.args[0])

@@ -80,8 +80,8 @@ def choose_token(logits, sampling: Sampling):
 
 
 def check_sampling(temperature, top_p, generator, device) -> Sampling:
-    if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and (temperature == 0 or 0.01 <= temperature < 1e9)):
+        raise ValueError(f"temperature must be 0 (greedy) or at least 0.01 (finite), got {temperature!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if generator is None and temperature > 0:

@@ -299,14 +299,16 @@ def start_slow_writer(out):
     return proc
 
 
-@pytest.mark.parametrize("sig,returncode", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)],
-                         ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("sig,returncode", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM),
+                                            (signal.SIGHUP, -signal.SIGHUP)],
+                         ids=["ctrl-c", "sigterm", "sighup"])
 def test_signal_mid_write_exits_quietly_and_leaves_nothing(tmp_path, sig, returncode):
     out = tmp_path / "cache" / "model"
     proc = start_slow_writer(out)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=30)
-    # Ctrl-C ends in exit code 130; SIGTERM still ends the process by SIGTERM, after cleaning up.
+    # Ctrl-C ends in exit code 130; SIGTERM and SIGHUP (a closed terminal) still end the process by that
+    # signal, after cleaning up.
     assert proc.returncode == returncode
     assert stderr == ""
     assert list(out.parent.iterdir()) == []

@@ -1,0 +1,393 @@
+"""Faults driven as a user meets them: a value out of range for every numeric flag, an input path of the
+wrong kind (a folder, a dangling link, a FIFO, the wrong JSON, bytes that are not UTF-8, a non-float
+checkpoint), output that cannot be written (/dev/full, a terminal gone, a read-only folder), signals during
+conversion, generation and eval, and first runs converting at once after a conversion killed with SIGKILL.
+
+Each asserts the exit code, a single `error:` line or silence, no traceback and nothing half-written. A
+process costs a torch import (seconds on a busy machine), so checks that only need the parser and the loaders
+call run.main in-process; processes run where only a process shows it (signals, standard output, exit codes,
+races), several at once. The tiny random model stands in wherever the embedded one is not needed.
+"""
+import io
+import json
+import math
+import os
+import re
+import select
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models
+
+import convert_gguf
+import folder
+import run
+from conftest import TINY_CONFIG, write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINTS = ROOT / "tests" / "checkpoints"
+
+
+def write_tiny_folder(path, **config):
+    """A model folder run.py opens: TINY_CONFIG's random weights (no EOS, so a run goes its full length; a
+    16k context) and a character-level tokenizer.json of 99 ids, written with the `tokenizers` library."""
+    cfg = {k: v for k, v in TINY_CONFIG.items() if k != "eos_token_id"}
+    write_checkpoint(path, {**cfg, "max_position_embeddings": 16384, **config})
+    chars = [c for c in string.printable if c not in "\x0b\x0c"]
+    tok = Tokenizer(models.BPE(vocab={"<unk>": 0, **{c: i for i, c in enumerate(chars, 1)}}, merges=[],
+                               unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()  # the characters, joined
+    tok.save(str(Path(path) / "tokenizer.json"))
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_folder(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def error_of(argv, capsys):
+    """run.main(argv) in-process: the one `error:` line it ends with (after eval's progress), exit code 2."""
+    with pytest.raises(SystemExit) as e:
+        run.main(argv)
+    err = "".join(line for line in capsys.readouterr().err.splitlines(True) if not line.startswith("eval "))
+    assert e.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+# --- every numeric flag: out of its range ---------------------------------------------------------
+
+def out_of_range(kind, low, high, low_open):
+    """Values just outside a flag's range, and values of no range: nan, inf, words, fractions for ints."""
+    step = 1 if kind is int else 1e-9
+    values = [low if low_open else low - step, "nan", "inf", "-inf", "x", ""]
+    if high < math.inf:  # (a huge whole number is in range for --max-new-tokens: the context refuses it)
+        values += [high + step, "1" + "0" * 400]
+    return values + (["1.5", "1e3"] if kind is int else [])
+
+
+@pytest.mark.parametrize("flag", run.NUMBERS)
+def test_every_numeric_flag_refuses_values_out_of_range(flag, capsys):
+    command = ["eval"] if flag == "--limit" else []
+    for value in out_of_range(*run.NUMBERS[flag]):
+        assert f"argument {flag}: expected a " in error_of(command + [f"{flag}={value}"], capsys)
+
+
+def test_ranges_are_what_the_layers_below_take():
+    """The ends of the table are honoured where the value lands: all the machine's cores, the largest seed
+    torch.Generator takes (one more does not fit it)."""
+    top = ["demo", "--threads", str(os.cpu_count()), "--seed", str(2 ** 64 - 1)]
+    args = run.build_parser().parse_args(top)
+    torch.set_num_threads(args.threads)
+    assert torch.get_num_threads() == os.cpu_count()
+    torch.Generator().manual_seed(args.seed)
+    with pytest.raises((RuntimeError, ValueError), match="Overflow"):
+        torch.Generator().manual_seed(args.seed + 1)
+    assert run.NUMBERS["--threads"][2] == os.cpu_count()  # 100000 threads crashed torch (a segfault)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--threads", "100000"], "argument --threads: expected a whole number [1, "),
+    (["--temperature", "0.001"], "--temperature: 0 (greedy) or at least 0.01"),
+    (["--compile", "--temperature", "0.5"], "--compile is for CUDA"),
+    (["--sirius", "--sparsity", "dense"], "needs a sparse model"),
+])
+def test_values_refused_before_the_model_is_read(argv, says, capsys):
+    assert says in error_of(argv + ["--model", "/nonexistent"], capsys)  # refused before the folder is read
+
+
+def test_requests_beyond_the_context_or_the_memory(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Refused after the config, before the weights: answers and Sirius's cache beyond the model's context,
+    weights and cache beyond the memory. Plain decoding does not need Sirius's window."""
+    model = ["--model", str(tiny_dir), "--prompt", "hi"]
+    err = error_of(model + ["--max-new-tokens", "1" + "0" * 400], capsys)
+    assert "exceeds the model's context of 16384 tokens" in err
+    err = error_of(model + ["--period", "1024", "--width", "64"], capsys)
+    assert "Sirius needs 65601 cache slots (prompt 2 + --max-new-tokens 128 - 1 + (--period 1024 - 1) x " \
+           "--width 64), more than the model's context of 16384" in err
+    run.main(model + ["--period", "1024", "--width", "64", "--sparsity", "dense", "--max-new-tokens", "2"])
+    assert "--- dense ---" in capsys.readouterr().out
+    huge = tmp_path / "huge"  # a config whose MLP would take 77 TB (its weights are never read)
+    shutil.copytree(tiny_dir, huge)
+    (huge / "config.json").write_text(json.dumps({**json.loads((tiny_dir / "config.json").read_text()),
+                                                  "intermediate_size": 10 ** 11}))
+    err = error_of(["--model", str(huge), "--prompt", "hi", "--max-new-tokens", "2"], capsys)
+    mlp = 3 * 32 * 10 ** 11 * 2 * 4 / 2 ** 30  # gate, up, down: h x D each, 2 layers, 4 bytes: all but KBs
+    assert re.search(rf"this request needs at least {mlp:.1f} GiB on cpu .* GiB are available$", err), err
+    monkeypatch.setattr(folder, "available_memory", lambda device: 10 ** 5)  # and the cache counts too
+    err = error_of(model + ["--max-new-tokens", "2"], capsys)
+    assert "needs at least 0.0 GiB on cpu (weights, a KV cache of 18 slots" in err  # 2 + 2 - 1 + (16 - 1)
+
+
+# --- input paths of the wrong kind ----------------------------------------------------------------
+
+@contextmanager
+def fifo(path):
+    """A FIFO at path. Opening one to read blocks until a writer comes: should the code under test do so,
+    a writer opens it after 20 s so that the test fails instead of hanging."""
+    os.mkfifo(path)
+
+    def unblock():
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO: nobody is reading, fine
+        except OSError:
+            pass
+    timer = threading.Timer(20, unblock)
+    timer.start()
+    try:
+        yield path
+    finally:
+        timer.cancel()
+
+
+def wrong_kinds(path: Path):
+    """path made, in turn, into each wrong kind of file; yields a name for each."""
+    for kind in ("folder", "dangling link", "FIFO", "not UTF-8", "wrong JSON"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        if kind == "folder":
+            path.mkdir()
+        elif kind == "dangling link":
+            path.symlink_to(path.parent / "nowhere")
+        elif kind == "not UTF-8":
+            path.write_bytes(b'{\n"a": "caf\xe9"\n}\n')
+        elif kind == "wrong JSON":
+            path.write_text("[1, 2]\n")
+        if kind == "FIFO":
+            with fifo(path):
+                yield kind
+        else:
+            yield kind
+
+
+EXPECTED = {"folder": "not a regular file (a folder)", "dangling link": "a dangling symbolic link",
+            "FIFO": "not a regular file (a FIFO)", "not UTF-8": "line 2 is not valid UTF-8"}
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                                  "chat_template.jinja"])
+def test_model_folder_files_of_the_wrong_kind(tiny_dir, tmp_path, name, capsys):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dir, model)
+    for kind in wrong_kinds(model / name):
+        if kind == "wrong JSON" and name == "chat_template.jinja":
+            continue  # any text is a template
+        err = error_of(["--model", str(model), "--prompt", "hi", "--max-new-tokens", "1"], capsys)
+        assert str(model / name) in err, (kind, err)
+        assert EXPECTED.get(kind, "") in err, (kind, err)
+
+
+def test_config_and_weights_of_the_wrong_kind(tiny_dir, tmp_path, capsys):
+    """config.json and the weights are checkpoint.py's: each wrong kind is one line naming what is wrong."""
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dir, model)
+    for kind in wrong_kinds(model / "config.json"):
+        err = error_of(["--model", str(model), "--prompt", "hi"], capsys)
+        assert "config.json" in err, (kind, err)
+    shutil.copy(tiny_dir / "config.json", model)
+    for kind in wrong_kinds(model / "model.safetensors"):
+        err = error_of(["--model", str(model), "--prompt", "hi", "--max-new-tokens", "1"], capsys)
+        assert "model.safetensors" in err, (kind, err)
+    for kind in wrong_kinds(tmp_path / "not-a-folder"):
+        err = error_of(["--model", str(tmp_path / "not-a-folder")], capsys)
+        assert ("no config.json" if kind == "folder" else "model folder not found") in err, (kind, err)
+
+
+def test_a_checkpoint_that_is_not_float_is_refused(tiny_dir, tmp_path, capsys):
+    """int8 tensors (what quantized checkpoints store), or quantization metadata: refused, naming them."""
+    for name, says in (("refused_int8", "has dtype int8: quantized checkpoints are not supported"),
+                       ("refused_quant_config", "quantized checkpoints are not supported")):
+        model = tmp_path / name
+        shutil.copytree(CHECKPOINTS / name, model)
+        tok = json.loads((tiny_dir / "tokenizer.json").read_text())  # cut to these checkpoints' 96 ids
+        tok["model"]["vocab"] = {t: i for t, i in tok["model"]["vocab"].items() if i < 96}
+        (model / "tokenizer.json").write_text(json.dumps(tok))
+        assert says in error_of(["--model", str(model), "--prompt", "hi", "--max-new-tokens", "1"], capsys)
+
+
+def test_eval_data_of_the_wrong_kind(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    model = ["eval", "--model", str(tiny_dir), "--data", str(data)]
+    for kind in wrong_kinds(data):
+        err = error_of(model, capsys)
+        assert err.startswith(f"error: {data}") and EXPECTED.get(kind, "") in err, (kind, err)
+    data.write_bytes(b'{"question": "1 + 1?", "answer": "#### 2"}\n{"question": "caf\xe9?", '
+                     b'"answer": "#### 3"}\n')
+    assert f"{data}: line 2 is not valid UTF-8" in error_of(model, capsys)  # no longer read as "caf?"
+    data.write_text('{"question": ["1 + 1?"], "answer": "#### 2"}\n')
+    assert f"{data}:1: the question must be a non-empty string" in error_of(model, capsys)
+    assert "/dev/zero: not a regular file (a device)" in error_of(model[:-1] + ["/dev/zero"], capsys)
+
+
+def test_closed_stdin_prompt(tiny_dir, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", None)
+    assert "standard input is closed" in error_of(["--model", str(tiny_dir), "--prompt", "-"], capsys)
+
+
+def read_only_folder(tmp_path):
+    """A folder nobody may create files in: permissions do not stop root, so root gets /sys."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    return ro
+
+
+def test_eval_out_that_cannot_be_written(tiny_dir, tmp_path, capsys):
+    """--out is refused before the eval runs: a device (writing /dev/full by renaming over it would replace
+    it), a FIFO, a folder nothing can be created in."""
+    model = ["eval", "--model", str(tiny_dir), "--limit", "1", "--out"]
+    assert "--out /dev/full: not a regular file" in error_of(model + ["/dev/full"], capsys)
+    with fifo(tmp_path / "pipe"):
+        assert "not a regular file" in error_of(model + [str(tmp_path / "pipe")], capsys)
+    ro = read_only_folder(tmp_path)
+    assert f"cannot write in {ro}" in error_of(model + [str(ro / "r.json")], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"] + ["ro"] * (ro != Path("/sys"))
+
+
+def test_a_cache_folder_nothing_can_be_written_in(tmp_path, monkeypatch, capsys):
+    """The first run converts into $SIRIUS_MIN_CACHE: where nothing can be written, it says so at once (before
+    reading the GGUF), after the line that says it converts."""
+    cache = read_only_folder(tmp_path) / "cache"
+    monkeypatch.setenv("SIRIUS_MIN_CACHE", str(cache))
+    monkeypatch.setattr(convert_gguf, "open_gguf", lambda path: pytest.fail("the GGUF was read first"))
+    with pytest.raises(SystemExit) as e:
+        run.main(["--prompt", "hi"])
+    notice, err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and notice.startswith("sirius-min: converting the embedded GGUF once into")
+    assert err.startswith(f"error: {cache}/") and "cannot write the converted model" in err
+
+
+def test_convert_inputs_of_the_wrong_kind(tmp_path, monkeypatch, capsys):
+    """convert_gguf.py: a GGUF path of each wrong kind; an OUT_DIR that is a file, or in a folder nothing
+    can be created in, refused before the GGUF is read (seconds)."""
+    gguf, out = tmp_path / "m.gguf", tmp_path / "out"
+    for kind in wrong_kinds(gguf):
+        assert convert_gguf.main(["--gguf", str(gguf), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {gguf}: ") and err.count("\n") == 1, (kind, err)
+    monkeypatch.setattr(convert_gguf, "open_gguf", lambda path: pytest.fail("the GGUF was read first"))
+    (tmp_path / "file").write_text("x")
+    for out, says in ((tmp_path / "file", "exists and is not a folder"),
+                      (read_only_folder(tmp_path) / "model", "cannot write the converted model")):
+        assert convert_gguf.main(["--gguf", str(gguf), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out}: {says}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+# --- processes: output that cannot be written, signals, first runs at once -------------------------
+
+def start(argv, env=None, stdout=subprocess.PIPE):
+    return subprocess.Popen([sys.executable, "run.py", *argv], cwd=ROOT, stdout=stdout,
+                            stderr=subprocess.PIPE, env=env)
+
+
+def test_output_to_a_full_disk(tiny_dir):
+    """`run.py > /dev/full` (ENOSPC): one error line, exit 2, no traceback."""
+    with open("/dev/full", "wb") as full:
+        proc = start(["--model", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "8"], stdout=full)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err == b"error: cannot write the output (No space left on device)\n"
+
+
+@pytest.mark.parametrize("command", [["--prompt", "hi"], ["eval", "--limit", "1"]], ids=["demo", "eval"])
+def test_output_to_a_terminal_that_is_gone(tiny_dir, monkeypatch, capsys, command):
+    """A terminal whose window was closed (a pty whose other end is closed: EIO), with standard output as
+    run.py wraps it from the shell: one error line, and what is left goes nowhere instead of failing again.
+    The demo fails at its first token (flushed), eval at the end (its report is buffered)."""
+    terminal, gone = os.openpty()
+    os.close(terminal)
+    stdout = io.TextIOWrapper(io.BufferedWriter(run.Stdout(gone, "w", closefd=False)), "utf-8")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        err = error_of(command + ["--model", str(tiny_dir), "--max-new-tokens", "4"], capsys)
+        assert err == "error: cannot write the output (Input/output error)\n"
+        stdout.write("what is left")
+        stdout.flush()
+    finally:
+        os.close(gone)
+
+
+def signal_when(runs, timeout=90):
+    """Send each process its signal once its marker shows on its stream: {stream: (proc, marker, sig)}."""
+    seen, deadline = {stream: b"" for stream in runs}, time.monotonic() + timeout
+    while seen:
+        ready, _, _ = select.select(list(seen), [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            pytest.fail(f"not under way in time: {seen}")
+        for stream in ready:
+            chunk = os.read(stream.fileno(), 1 << 16)
+            proc, marker, sig = runs[stream]
+            if not chunk:
+                pytest.fail(f"{proc.args} ended before {marker!r}: {seen[stream][-500:]!r}")
+            seen[stream] += chunk
+            if marker in seen[stream]:
+                proc.send_signal(sig)
+                del seen[stream]
+
+
+def test_signals_during_generation_and_eval(tiny_dir, tmp_path):
+    """Ctrl-C while the demo generates exits with 130; SIGHUP there (a closed terminal) and SIGTERM during
+    an eval with --out end the process by that signal, after cleaning up. No traceback, no error line, no
+    --out and no temporary file. (During conversion: tests/test_convert.py.) The three run at once, each
+    signalled once under way: the demo when its first token is out (the header comes with it), eval after
+    its first questions."""
+    out = tmp_path / "r.json"
+    demo = ["--model", str(tiny_dir), "--prompt", "hi", "--sparsity", "dense", "--max-new-tokens", "16000"]
+    ev = ["eval", "--model", str(tiny_dir), "--limit", "20", "--max-new-tokens", "40", "--out", str(out)]
+    procs = {signal.SIGINT: (start(demo), 130), signal.SIGHUP: (start(demo), -signal.SIGHUP),
+             signal.SIGTERM: (start(ev), -signal.SIGTERM)}
+    try:
+        signal_when({proc.stderr if proc.args[2] == "eval" else proc.stdout:
+                     (proc, b"eval " if proc.args[2] == "eval" else b"--- dense ---\n", sig)
+                     for sig, (proc, _) in procs.items()})
+        for sig, (proc, code) in procs.items():
+            _, err = proc.communicate(timeout=60)
+            progress = [line for line in err.decode().splitlines() if not line.startswith("eval ")]
+            assert proc.returncode == code and progress == [], (sig, err)
+    finally:
+        for proc, _ in procs.values():
+            proc.kill()
+            proc.communicate()
+    assert list(tmp_path.iterdir()) == []  # no --out, no temporary file
+
+
+def test_first_runs_at_once_after_a_killed_conversion(tmp_path):
+    """A conversion killed with SIGKILL mid-write leaves its temporary folder; then two first runs start at
+    once on that cache, run.py and convert_gguf.py: both convert, one folder wins, both succeed, and no
+    temporary folder is left."""
+    from test_convert import start_slow_writer  # convert_gguf.py writing (fake GGUF) until killed
+
+    cache = tmp_path / "cache"
+    killed = start_slow_writer(cache / convert_gguf.DEFAULT_MODEL_NAME)
+    killed.kill()
+    killed.communicate(timeout=30)
+    assert len(list(cache.glob(".*.tmp-*"))) == 1
+    env = {**os.environ, "SIRIUS_MIN_CACHE": str(cache)}
+    model_dir = cache / convert_gguf.DEFAULT_MODEL_NAME
+    firsts = [start(["--prompt", "Hi", "--sparsity", "dense", "--max-new-tokens", "2"], env=env),
+              subprocess.Popen([sys.executable, "convert_gguf.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)]  # the other entry point that converts on first use
+    for proc, says in zip(firsts, (b"--- dense ---", f"{model_dir}\n".encode())):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and says in out, err
+        assert err.decode() in ("", f"sirius-min: converting the embedded GGUF once into {model_dir} ...\n")
+    assert [p.name for p in cache.iterdir()] == [model_dir.name] and convert_gguf._is_converted(model_dir)
