@@ -85,7 +85,7 @@ def grouped_attention(q, k, v, mask):
     g*T, hd), and the mask repeated per head: plain masked attention, which SDPA's memory-efficient kernel
     takes (a bool mask with enable_gqa leaves only the math kernel, which copies K/V per query head).
     """
-    if not isinstance(mask, torch.Tensor):                  # None, or a chain's CausalBias
+    if mask is None or type(mask) is not torch.Tensor:      # None, or a chain's CausalBias (a subclass)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     _, H, T, hd = q.shape
     g = H // k.shape[1]
