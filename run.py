@@ -122,7 +122,8 @@ def build_parser():
     s = shared.add_argument_group("sparsity and Sirius")
     s.add_argument("--period", type=num("--period"), default=16, help="K: tokens per full check (16)")
     s.add_argument("--threshold", type=num("--threshold"), default=0.1,
-                   help="keep a draft while the full model gives it at least this probability (0.1)")
+                   help="keep a draft while the full model gives it at least this probability at "
+                        "temperature 0.6 (0.1)")
     s.add_argument("--strict", action="store_true", help="keep a draft only if it is the full model's argmax "
                    "(with --temperature > 0: exact speculative sampling)")
     p = Parser(prog="run.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
