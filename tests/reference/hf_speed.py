@@ -35,7 +35,7 @@ from transformers import GenerationConfig, LlamaForCausalLM  # noqa: E402
 
 import sirius_min  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from run import chat_ids, load_tokenizer  # noqa: E402
+from folder import chat_ids, few_shot, load_tokenizer, read_prompting  # noqa: E402
 
 DEFAULT_DIR = Path("~/.cache/sirius-min/SmolLM2-135M-Instruct").expanduser()
 # A question with a long answer, so neither side would want to stop early anyway.
@@ -76,7 +76,7 @@ def main():
     torch.set_num_threads(1)
 
     tok = load_tokenizer(args.model_dir)
-    ids = torch.tensor(chat_ids(tok, QUESTION))
+    ids = torch.tensor(chat_ids(tok, read_prompting(args.model_dir, tok), few_shot(QUESTION)))
     hf = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa",
                                           local_files_only=True).eval()
     ours = load_model(args.model_dir, max_seq_len=ids.shape[0] + n + 8)
