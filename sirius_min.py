@@ -448,10 +448,10 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
         for d in drafts:
             if done := emit(d, False):
                 break
-        if not done:
+        if not done:                                   # the full model's token: a correction or a bonus
+            res.corrections += len(drafts) < period - 1
             done = emit(token, True)
         res.advances.append(len(drafts) + 1)
-        res.corrections += len(drafts) < period - 1
         if on_period:
             on_period(record)
         pos += 1 + len(drafts)  # roll back: the cache is valid through t0 and the kept drafts
