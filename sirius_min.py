@@ -388,13 +388,13 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
     paths = root_to_leaf_paths(tree, period, width)                        # (w, K)
     accepted = longest_kept_prefix(kept[paths[:, 1:]])                     # (w,) a per path
     best = accepted.argmax().view(1)                                       # first longest: likelier path
-    path, a = paths.index_select(0, best)[0], accepted.index_select(0, best)
+    path, a_dev = paths.index_select(0, best)[0], accepted.index_select(0, best)   # still on the device
     if rule == "speculative":
         q = tree.draft_probs[path[1:]]                                     # (K-1, V)
-        next_token = sample(next_token_distribution(p_full[path], q, a), sampling.generator).view(1)
+        next_token = sample(next_token_distribution(p_full[path], q, a_dev), sampling.generator).view(1)
     else:                                                                  # from the last kept node's logits
-        next_token = choose_token(logits.index_select(0, path.index_select(0, a)), sampling)
-    packed = torch.cat([best, a, next_token, tree.tokens[path[1:]]]).tolist()   # the one host sync
+        next_token = choose_token(logits.index_select(0, path.index_select(0, a_dev)), sampling)
+    packed = torch.cat([best, a_dev, next_token, tree.tokens[path[1:]]]).tolist()   # the one host sync
     b, a, appended, drafts = packed[0], packed[1], packed[2], packed[3:]
     if width > 1:
         model.move_kv(pos + path[:a + 1], pos)                             # the back-gather
