@@ -313,31 +313,31 @@ def draft_tree(model, sparse_mlp, t0, pos, period, width, sampling: Sampling, ke
     the highest cumulative log-probability become the next depth, best first. `step`: a chain's one-token
     pass (`one_token_step`), the model itself by default."""
     N, device = 1 + (period - 1) * width, t0.device
-    depth = torch.cat([torch.zeros(1, dtype=torch.long, device=device),
-                       torch.arange(1, period, device=device).repeat_interleave(width)])
-    tree = Tree(tokens=t0.view(1).repeat(N), parent=torch.zeros(N, dtype=torch.long, device=device),
-                depth=depth, sees=torch.eye(N, dtype=torch.bool, device=device))
-    if keep_probs:
-        tree.draft_probs = torch.zeros(N, model.cfg.vocab_size, device=device)
+    # A chain's parents (node j-1) and ancestors (nodes 0..j) are known up front; a tree's are filled below.
+    flags = dict(dtype=torch.bool, device=device)
+    sees = torch.ones(N, N, **flags).tril() if width == 1 else torch.eye(N, **flags)
+    tree = Tree(tokens=t0.view(1).repeat(N), parent=(torch.arange(N, device=device) - 1).clamp_min(0),
+                depth=(torch.arange(N, device=device) + width - 1) // width, sees=sees,   # depth: ceil(j / w)
+                draft_probs=torch.zeros(N, model.cfg.vocab_size, device=device) if keep_probs else None)
     beam_score = torch.zeros(1, device=device)          # cumulative log-prob of each node of the last depth
     for d in range(1, period):
         above, below = depth_nodes(d - 1, width), depth_nodes(d, width)   # run `above`, fill `below`
         tokens = tree.tokens[above.start:above.stop]
         if width == 1:  # a chain: the sparse model's own next token, greedy or sampled
             logits = (step or model)(tokens, pos + above.start, sparse_mlp)                       # (1, V)
-            new_tokens, parents = choose_token(logits, sampling), torch.full((1,), above.start, device=device)
+            tree.tokens[below.start:below.stop] = choose_token(logits, sampling)
             if keep_probs:
                 tree.draft_probs[below.start] = token_probs(logits[0], sampling)
         else:           # a tree: of the w·w children of depth d-1, the w likeliest paths
             logits = model(tokens, pos + above.start, mlp=sparse_mlp,
-                           **tree_pass_args(tree.sees, pos, above, depth, width))   # (w, V)
+                           **tree_pass_args(tree.sees, pos, above, tree.depth, width))   # (w, V)
             logp, proposals = torch.log_softmax(logits.float() / ACCEPT_TEMPERATURE, -1).topk(width, dim=-1)
             path_score = (beam_score[:, None] + logp).flatten()              # (len(above) * w,) candidates
             beam_score, best = path_score.topk(width)                         # the best w, best first
-            new_tokens, parents = proposals.flatten()[best], above.start + best // width   # row = parent
-        tree.tokens[below.start:below.stop] = new_tokens
-        tree.parent[below.start:below.stop] = parents
-        tree.sees[below.start:below.stop] |= tree.sees[parents]           # a child sees what its parent sees
+            parents = above.start + best // width                             # the row it came from
+            tree.tokens[below.start:below.stop] = proposals.flatten()[best]
+            tree.parent[below.start:below.stop] = parents
+            tree.sees[below.start:below.stop] |= tree.sees[parents]       # a child sees what its parent sees
     return tree
 
 
