@@ -18,8 +18,8 @@ import torch
 import kernels
 from model import Llama, LlamaConfig
 from folder import UsageError, encode, load_weights, open_model_folder, read_text
-from sirius_min import (average_advance_length, effective_density, generate, one_token_step,
-                        prefill_and_sparse_mlp, sirius, sirius_period, tree_pass_args)
+from sirius_min import (average_advance_length, captured, captured_judge, effective_density, generate,
+                        judge_period, prefill_and_sparse_mlp, sirius, sirius_period, tree_pass_args)
 
 def full_model_nll(model, prompt, tokens):
     """Mean negative log-likelihood of `tokens` after `prompt` under the full model: how plausible the
@@ -387,30 +387,26 @@ def side_by_side_chains(period, width, device):
     return depth.to(device), sees.to(device)
 
 
-def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict, reps, chain_step=None):
+def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict, reps, judge=judge_period):
     """Seconds of one Sirius period and of its parts, each pass with the positions and mask the period gives
     it (sirius_min.tree_pass_args): the root's draft step (one token), a draft step over one depth (w tokens),
     the verify pass (1 + (K-1)·w tokens) and a whole `sirius_period`. "rest" is the period minus root,
     K-2 draft steps and the verify pass: choosing tokens, the acceptance rule, the back-gather, the
-    read-back. chain_step: a chain's one-token drafting pass (sirius_min.one_token_step), for w = 1."""
+    read-back. A captured model (sirius_min.captured) and judge (captured_judge) time the graphs."""
     dev = t0.device
     depth, sees = side_by_side_chains(period, width, dev)
     tokens = t0.view(1).repeat(len(depth))                  # the tokens do not change a pass's cost
-    chain_step = chain_step if width == 1 else None
 
     def step(nodes, mlp):                                   # one pass over `nodes`, as sirius_period runs it
-        if chain_step is not None and mlp is not None:
-            return chain_step(tokens[nodes.start:nodes.stop], pos + nodes.start, mlp)
-        return model(tokens[nodes.start:nodes.stop], pos + nodes.start, mlp=mlp,
+        return model(tokens[nodes.start:nodes.stop], pos + nodes.start, mlp,
                      **tree_pass_args(sees, pos, nodes, depth, width))
 
     middle = range(1 + (period // 2 - 1) * width, 1 + period // 2 * width)   # the nodes of one depth
-    drafting = {} if chain_step is None else {"step": chain_step}
     t = dict(root=timer(lambda: step(range(0, 1), sparse_mlp), reps, dev),
              draft=timer(lambda: step(middle, sparse_mlp), reps, dev),
              verify=timer(lambda: step(range(0, len(depth)), None), reps, dev),
              period=timer(lambda: sirius_period(model, sparse_mlp, t0.view(1), pos, period=period,
-                                                width=width, threshold=threshold, strict=strict, **drafting),
+                                                width=width, threshold=threshold, strict=strict, judge=judge),
                           reps, dev))
     t["rest"] = t["period"] - (t["root"] + (period - 2) * t["draft"] + t["verify"])
     return t
@@ -427,8 +423,8 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     `aals` {w: AAL} were measured elsewhere for the same w (`aal_source` says where) and the paper's AAL
     appears only for the (sparsity, w, K = 16) it was measured at. Ideals: "density" is the paper's
     accounting (kernels.density); "plan" the share of all weights this code's plan reads in a step.
-    compile: one-token steps (dense and coarse; fine left out to save a compilation) and a chain's drafting
-    run as sirius_min.one_token_step's torch.compile(mode="reduce-overhead") graph, after 3 untimed runs.
+    compile (True, or a torch.compile backend's name): every decode pass and the period's judge replayed as
+    captured graphs (sirius_min.captured; fine left out to save compilations), after 3 untimed runs.
     """
     dev, cfg, aals = torch.device(device), cfg or llama3_8b_config(), aals or {}
     if dev.type == "cuda":
@@ -442,7 +438,7 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
           f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocabulary {cfg.vocab_size}: "
           f"{weights_gb:.2f} GB in {dtype} on {dev}; {context}-token context, f = {keep}, "
           f"K = {period}, {reps} timed runs (medians) after one untimed run"
-          + ("; one-token steps and chain drafting graph-captured (torch.compile)" if compile else ""))
+          + ("; every decode pass graph-captured (torch.compile)" if compile else ""))
 
     D, L, total = cfg.intermediate_size, cfg.num_hidden_layers, kernels.param_count(cfg)
     k = kernels.n_kept(D, keep)
@@ -458,7 +454,8 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     for s in ("coarse", "fine"):       # each prefill rewrites the same prompt slots with the same keys/values
         if s in plans or s == sparsity:
             mlps[s] = prefill_and_sparse_mlp(model, prompt, s, keep)[1]
-    step = one_token_step(model, compile, dev)    # the model itself, or its graph-captured one-token pass
+    step = captured(model, compile)               # the model itself, or its decode passes as graphs
+    judge = captured_judge(compile) if compile else judge_period          # (greedy: it can be captured)
     if compile:
         for s in plans:
             for _ in range(3):                     # compile, then let the graph be recorded
@@ -473,9 +470,8 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     parts, proj_rows, part_rows = {}, [], []
     d = dens[sparsity]
     for w in widths:
-        t = parts[w] = sirius_parts(model, mlps[sparsity], t0, pos, period=period, width=w,
-                                    threshold=threshold, strict=strict, reps=reps,
-                                    chain_step=step if compile else None)
+        t = parts[w] = sirius_parts(step, mlps[sparsity], t0, pos, period=period, width=w,
+                                    threshold=threshold, strict=strict, reps=reps, judge=judge)
         part_rows.append([w, 1 + (period - 1) * w] + [f"{t[p] * 1e3:.2f}" for p in
                                                        ("root", "draft", "verify", "rest", "period")]
                          + [f"{t['draft'] / dense:.2f}", f"{t['verify'] / dense:.2f}",

@@ -86,9 +86,10 @@ def fine_plan(x, k, D):
     """How fine_mlp reads the weights, and so which ideal (bytes) ratio it can reach (`mlp_bytes_ratio`).
     "gather" (CPU fp32/fp64, where sampled_addmm exists): all of W_gate, the kept rows of W_up and W_down.
     "gather_down" (CPU, other dtypes; bf16 measured 0.7-0.9 of mask): W_gate and W_up, W_down's kept rows.
-    "mask": every weight once, unkept neurons zeroed; dense's cost, the floor. Off the CPU (CUDA's
-    embedding_bag walks all k rows for each output element: slow), and on it from GATHER_BELOW."""
-    if x.device.type != "cpu":
+    "mask": every weight once, unkept neurons zeroed: the paper's density emulated at dense's cost or more.
+    Off the CPU (CUDA's embedding_bag walks all k rows for each output element: slow), inside a captured
+    graph, and on a CPU from GATHER_BELOW."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():    # sparse CSR is not traced: mask there
         return "mask"
     if x.dtype not in (torch.float32, torch.float64):
         return "gather_down"
@@ -154,15 +155,21 @@ def select_coarse(scores, k):
     return scores.topk(k, sorted=False).indices.sort().values
 
 
-def slice_mlp(mlp, idx):
-    """The neurons idx (k,) as a smaller dense MLP: new contiguous weights (h, 2k) and (k, h), gate and up
-    biases sliced alike, b_down unchanged. Allocates 3·h·k weights per layer (the copies make every later
-    step read contiguous memory)."""
+def slice_mlp(mlp, idx, out=None):
+    """The neurons idx (k,) as a smaller dense MLP: contiguous weights (h, 2k) and (k, h), gate and up biases
+    sliced alike, b_down unchanged. New tensors (3·h·k weights a layer, so that every later step reads
+    contiguous memory), or written in place into `out`, an MLPWeights of those shapes."""
     D = mlp.w_down.shape[0]
     cols = torch.cat([idx, D + idx])                                   # gate | up columns of the kept neurons
     b_gate_up = getattr(mlp, "b_gate_up", None)
-    return MLPWeights(mlp.w_gate_up.index_select(1, cols), mlp.w_down.index_select(0, idx),
-                      None if b_gate_up is None else b_gate_up[cols], getattr(mlp, "b_down", None))
+    if out is None:
+        return MLPWeights(mlp.w_gate_up.index_select(1, cols), mlp.w_down.index_select(0, idx),
+                          None if b_gate_up is None else b_gate_up[cols], getattr(mlp, "b_down", None))
+    torch.index_select(mlp.w_gate_up, 1, cols, out=out.w_gate_up)
+    torch.index_select(mlp.w_down, 0, idx, out=out.w_down)
+    if b_gate_up is not None:
+        torch.index_select(b_gate_up, 0, cols, out=out.b_gate_up)
+    return out
 
 
 # --- accounting ------------------------------------------------------------------------------------------

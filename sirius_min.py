@@ -9,13 +9,14 @@ w), one period, the loop. On a GPU a period waits for the device once (one packe
 decoding once per token; drafting and verifying never wait.
 """
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import torch
 
-from kernels import SPARSITIES, check_keep, dense_mlp, density, fine_mlp, griffin_scores, n_kept, \
-    select_coarse, slice_mlp, swiglu
+from kernels import SPARSITIES, MLPWeights, check_keep, dense_mlp, density, fine_mlp, griffin_scores, \
+    n_kept, select_coarse, slice_mlp, swiglu
 
 ACCEPT_TEMPERATURE = 0.6  # the paper's code scores drafts with softmax(logits / 0.6); fixed, not tuned
 
@@ -102,18 +103,48 @@ class FineMLP:
         return fine_mlp(x, self.layers[i], self.k)
 
 
-class CoarseMLP:
+class CoarseMLP(torch.nn.Module):
     """Coarse-grained sparsity (GRIFFIN): neurons chosen once from the prompt, their weights sliced once.
-    `idx[i]` is layer i's selection for the whole request; every sparse step is then a smaller dense MLP.
-    The slices are new tensors: 3·h·k numbers per layer for as long as the request runs."""
+    `select` slices them for a request (`idx[i]`: layer i's neurons); every sparse step is then a smaller
+    dense MLP. The slices are buffers, 3·h·k numbers a layer, allocated once per model and k (`for_model`)
+    and refilled in place by each request, so a captured graph finds them at the same address every time."""
 
-    def __init__(self, model, scores: list, keep: float):
+    def __init__(self, model, k: int):
+        super().__init__()
+        L, h, D = len(model.layers), model.cfg.hidden_size, model.cfg.intermediate_size
+        like = dict(device=model.layers[0].w_down.device, dtype=model.layers[0].w_down.dtype)
+        has_bias = getattr(model.layers[0], "b_gate_up", None) is not None
+        self.register_buffer("w_gate_up", torch.empty(L, h, 2 * k, **like), persistent=False)
+        self.register_buffer("w_down", torch.empty(L, k, h, **like), persistent=False)
+        self.register_buffer("b_gate_up", torch.empty(L, 2 * k, **like) if has_bias else None, persistent=False)
+        self.b_down = [getattr(layer, "b_down", None) for layer in model.layers]   # not sliced: the model's
+        self.k, self.D, self.idx = k, D, []
+
+    @staticmethod
+    def for_model(model, keep):
         k = n_kept(model.cfg.intermediate_size, keep)
-        self.idx = [select_coarse(s, k) for s in scores]
-        self.sliced = [slice_mlp(layer, idx) for layer, idx in zip(model.layers, self.idx)]
+        mlp = _coarse_mlps.get(model)
+        if mlp is None or mlp.k != k:
+            mlp = _coarse_mlps[model] = CoarseMLP(model, k)
+        return mlp
 
-    def __call__(self, i, x):
-        return dense_mlp(x, self.sliced[i])
+    def layer(self, i):
+        """Layer i's slices, as the MLPWeights kernels.py reads (views of the buffers)."""
+        b_gate_up = None if self.b_gate_up is None else self.b_gate_up[i]
+        return MLPWeights(self.w_gate_up[i], self.w_down[i], b_gate_up, self.b_down[i])
+
+    def select(self, model, scores: list):
+        """This request's neurons: the k best by score in every layer, their weights copied into the slices."""
+        self.idx = [select_coarse(s, self.k) for s in scores]
+        for i, (layer, idx) in enumerate(zip(model.layers, self.idx)):
+            slice_mlp(layer, idx, out=self.layer(i))
+        return self
+
+    def forward(self, i, x):
+        return dense_mlp(x, self.layer(i))
+
+
+_coarse_mlps = weakref.WeakKeyDictionary()   # model -> its CoarseMLP: one request at a time, as its KV cache
 
 
 def prefill_and_sparse_mlp(model, prompt, sparsity="dense", keep=0.5):
@@ -138,7 +169,7 @@ def prefill_and_sparse_mlp(model, prompt, sparsity="dense", keep=0.5):
         return out if getattr(layer, "b_down", None) is None else out + layer.b_down
 
     logits = model(prompt, 0, mlp=scoring_mlp, last_only=True)
-    return logits, CoarseMLP(model, scores, keep)
+    return logits, CoarseMLP.for_model(model, keep).select(model, scores)
 
 
 def clock(device):
@@ -199,26 +230,30 @@ def check_request(model, max_new_tokens, slots_needed):
         raise ValueError(f"the request needs {slots_needed} cache slots; the model has {model.max_seq_len}")
 
 
-def one_token_step(model, compile, device):
-    """The one-token pass of plain decoding and of a chain's drafting: `step(token (1,), pos, mlp)`.
-    With compile (for CUDA) torch.compile(mode="reduce-overhead") captures it in a CUDA graph. So that one
-    graph serves every position, the position goes in as a 0-dim device tensor (a view into a table of slot
-    ids: no copy from the host), which selects the model's static-shape path (the whole cache, masked)."""
+def captured(model, compile):
+    """The model itself, or (compile: True for CUDA graphs, or a torch.compile backend's name) the same model
+    with every decode pass replayed as a captured graph: graphs.py, which only this imports."""
     if not compile:
-        return lambda token, pos, mlp=None: model(token, pos, mlp=mlp)
-    compiled = torch.compile(model, mode="reduce-overhead")
-    slot_ids = torch.arange(model.max_seq_len, device=device)
-    return lambda token, pos, mlp=None: compiled(token, slot_ids[pos], mlp=mlp)
+        return model
+    import graphs
+    return graphs.capture(model, "inductor" if compile is True else compile)
+
+
+def captured_judge(compile):
+    """judge_period as one captured graph (greedy only: a graph cannot take a sampler's torch.Generator)."""
+    import graphs
+    return graphs.capture_function(judge_period, "inductor" if compile is True else compile)
 
 
 def generate(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="dense", keep=0.5, temperature=0.0,
              top_p=1.0, generator=None, compile=False, on_token=None):
     """Decoding one token per forward pass, dense or with a sparse MLP after the dense prefill.
-    on_token(token, from_full) sees every token as it is chosen; the host waits for each (one sync)."""
+    on_token(token, from_full) sees every token as it is chosen; the host waits for each (one sync).
+    compile: each step replayed as a captured graph (`captured`)."""
     check_request(model, max_new_tokens, cache_slots(len(prompt), max_new_tokens))
     sampling = check_sampling(temperature, top_p, generator, prompt.device)
+    model = captured(model, compile)
     logits, sparse_mlp = prefill_and_sparse_mlp(model, prompt, sparsity, keep)
-    step = one_token_step(model, compile, prompt.device)
     token, pos, out = choose_token(logits[-1], sampling), len(prompt), []
     start = clock(prompt.device)
     while True:
@@ -227,7 +262,7 @@ def generate(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="dense", kee
             on_token(out[-1], sparse_mlp is None or len(out) == 1)
         if out[-1] in eos_ids or len(out) == max_new_tokens:
             break
-        logits = step(token.view(1), pos, sparse_mlp)                          # (1, V)
+        logits = model(token.view(1), pos, sparse_mlp)                         # (1, V)
         token, pos = choose_token(logits[-1], sampling), pos + 1
     return Result(out, [True] + [sparse_mlp is None] * (len(out) - 1), density(model.cfg, keep, sparsity),
                   decode_s=clock(prompt.device) - start)
@@ -306,12 +341,11 @@ class Tree:
     draft_probs: torch.Tensor | None = None  # (N, V) the sparse model's distribution at each node, sampled
 
 
-def draft_tree(model, sparse_mlp, t0, pos, period, width, sampling: Sampling, keep_probs=False, step=None):
+def draft_tree(model, sparse_mlp, t0, pos, period, width, sampling: Sampling, keep_probs=False):
     """The sparse model drafts K-1 depths below t0, one pass per depth, each pass over the previous depth.
     A chain (w = 1) appends the sparse model's chosen token (greedy or sampled). A tree keeps a beam: each of
     the w nodes of a depth proposes its top-w children by log_softmax(z / 0.6), and of those w·w the w with
-    the highest cumulative log-probability become the next depth, best first. `step`: a chain's one-token
-    pass (`one_token_step`), the model itself by default."""
+    the highest cumulative log-probability become the next depth, best first."""
     N, device = 1 + (period - 1) * width, t0.device
     # A chain's parents (node j-1) and ancestors (nodes 0..j) are known up front; a tree's are filled below.
     flags = dict(dtype=torch.bool, device=device)
@@ -324,7 +358,7 @@ def draft_tree(model, sparse_mlp, t0, pos, period, width, sampling: Sampling, ke
         above, below = depth_nodes(d - 1, width), depth_nodes(d, width)   # run `above`, fill `below`
         tokens = tree.tokens[above.start:above.stop]
         if width == 1:  # a chain: the sparse model's own next token, greedy or sampled
-            logits = (step or model)(tokens, pos + above.start, sparse_mlp)                       # (1, V)
+            logits = model(tokens, pos + above.start, sparse_mlp)                                 # (1, V)
             tree.tokens[below.start:below.stop] = choose_token(logits, sampling)
             if keep_probs:
                 tree.draft_probs[below.start] = token_probs(logits[0], sampling)
@@ -369,8 +403,28 @@ class PeriodTrace:
     draft_probs: list | None = None    # speculative: q(d_i), the sparse model that drafted it
 
 
+def judge_period(logits, tree, *, period, width, rule, threshold, sampling):
+    """The device part of a verification: which drafts pass, each path's a, the best path, the next token.
+    Fixed shapes and no host read, so the whole of it is one captured graph with compile (torch.compile
+    takes it with fullgraph=True: a host read or a data-dependent shape would be an error). Returns
+    `packed` (chosen path, a, next token, the path's K-1 drafts: what the host reads), and for the rest of
+    the period the path (K,) and the next token on the device, each path's a (w,), and p_full."""
+    kept, p_full = keep_drafts(logits, tree.parent, tree.tokens, rule, threshold, sampling, tree.draft_probs)
+    paths = root_to_leaf_paths(tree, period, width)                        # (w, K)
+    accepted = longest_kept_prefix(kept[paths[:, 1:]])                     # (w,) a per path
+    best = accepted.argmax().view(1)                                       # first longest: likelier path
+    path, a = paths.index_select(0, best)[0], accepted.index_select(0, best)
+    if rule == "speculative":
+        q = tree.draft_probs[path[1:]]                                     # (K-1, V)
+        next_token = sample(next_token_distribution(p_full[path], q, a), sampling.generator).view(1)
+    else:                                                                  # from the last kept node's logits
+        next_token = choose_token(logits.index_select(0, path.index_select(0, a)), sampling)
+    packed = torch.cat([best, a, next_token, tree.tokens[path[1:]]])      # (3 + K-1,)
+    return packed, path, next_token, accepted, p_full
+
+
 def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1, strict=False,
-                  sampling=None, record=False, step=None):
+                  sampling=None, record=False, judge=judge_period):
     """One period: draft, verify every draft in one full-model pass, keep the best path, add one token.
 
     t0 (a device tensor: the last emitted token, not yet in the cache) goes to slot pos, the drafts after it,
@@ -378,24 +432,16 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
     paths the one with the longest kept prefix wins (ties: the likelier path); its nodes' keys and values move
     to slots pos..pos+a (a chain's are already there). All stays on the device up to one read-back. Returns
     (kept drafts, next token as int and as a device tensor, PeriodTrace or None); the cache is then valid
-    through t0 and the kept drafts, and the next period starts right after them ("roll back")."""
+    through t0 and the kept drafts, and the next period starts right after them ("roll back"). `judge`:
+    judge_period, or its captured graph."""
     sampling = sampling or Sampling()
     rule = "threshold" if not strict else "argmax" if sampling.greedy else "speculative"
-    tree = draft_tree(model, sparse_mlp, t0, pos, period, width, sampling, rule == "speculative", step)
+    tree = draft_tree(model, sparse_mlp, t0, pos, period, width, sampling, rule == "speculative")
     nodes = range(0, len(tree.tokens))
     logits = model(tree.tokens, pos, **tree_pass_args(tree.sees, pos, nodes, tree.depth, width))   # (N, V)
-    kept, p_full = keep_drafts(logits, tree.parent, tree.tokens, rule, threshold, sampling, tree.draft_probs)
-    paths = root_to_leaf_paths(tree, period, width)                        # (w, K)
-    accepted = longest_kept_prefix(kept[paths[:, 1:]])                     # (w,) a per path
-    best = accepted.argmax().view(1)                                       # first longest: likelier path
-    path, a_dev = paths.index_select(0, best)[0], accepted.index_select(0, best)   # still on the device
-    if rule == "speculative":
-        q = tree.draft_probs[path[1:]]                                     # (K-1, V)
-        next_token = sample(next_token_distribution(p_full[path], q, a_dev), sampling.generator).view(1)
-    else:                                                                  # from the last kept node's logits
-        next_token = choose_token(logits.index_select(0, path.index_select(0, a_dev)), sampling)
-    packed = torch.cat([best, a_dev, next_token, tree.tokens[path[1:]]]).tolist()   # the one host sync
-    b, a, appended, drafts = packed[0], packed[1], packed[2], packed[3:]
+    packed, path, next_token, accepted, p_full = judge(logits, tree, period=period, width=width, rule=rule,
+                                                       threshold=threshold, sampling=sampling)
+    b, a, appended, *drafts = packed.tolist()                              # the one host sync
     if width > 1:
         model.move_kv(pos + path[:a + 1], pos)                             # the back-gather
     trace = None
@@ -427,8 +473,9 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
     if not sampling.greedy and width > 1:
         raise ValueError("sampling drafts a chain: width must be 1 when temperature > 0")
     check_request(model, max_new_tokens, cache_slots(len(prompt), max_new_tokens, period, width))
+    model = captured(model, compile)
     logits, sparse_mlp = prefill_and_sparse_mlp(model, prompt, sparsity, keep)
-    step = one_token_step(model, compile, prompt.device) if width == 1 else None
+    judge = captured_judge(compile) if compile and sampling.greedy else judge_period
     res = Result([], [], density(model.cfg, keep, sparsity), period, width)
     t0, pos = choose_token(logits[-1], sampling), len(prompt)              # the first token: full model
     start = clock(prompt.device)
@@ -444,7 +491,7 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
     while not done:
         drafts, token, t0, record = sirius_period(
             model, sparse_mlp, t0, pos, period=period, width=width, threshold=threshold, strict=strict,
-            sampling=sampling, record=on_period is not None, step=step)
+            sampling=sampling, record=on_period is not None, judge=judge)
         for d in drafts:
             if done := emit(d, False):
                 break

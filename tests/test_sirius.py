@@ -462,19 +462,23 @@ def test_coarse_selection_is_the_prompts_griffin_top_k(tiny, monkeypatch):
     k = n_kept(64, 0.25)
     assert [sorted(i.tolist()) for i in mlp.idx] == \
         [sorted(griffin_scores(z).argsort(descending=True)[:k].tolist()) for z in acts]
-    made = []
+    mlp_idx = [i.tolist() for i in mlp.idx]                 # the next request refills the same object
+    chosen, address = [], mlp.w_gate_up.data_ptr()
+    original = sirius_min.CoarseMLP.select
 
-    class Spy(sirius_min.CoarseMLP):
-        def __init__(self, *args):
-            super().__init__(*args)
-            made.append(self)
+    def spy(self, model, scores):
+        chosen.append(original(self, model, scores).idx)
+        return self
 
-    monkeypatch.setattr(sirius_min, "CoarseMLP", Spy)
+    monkeypatch.setattr(sirius_min.CoarseMLP, "select", spy)
     res = sirius(tiny, prompt, 30, sparsity="coarse", keep=0.25, period=4)
-    assert len(res.advances) >= 3 and len(made) == 1
-    assert all(torch.equal(a, b) for a, b in zip(made[0].idx, mlp.idx))
+    assert len(res.advances) >= 3 and len(chosen) == 1                 # once a request, not once a period
+    assert all(torch.equal(a, b) for a, b in zip(chosen[0], [torch.tensor(i) for i in mlp_idx]))
     _, another = prefill_and_sparse_mlp(tiny, other, "coarse", 0.25)
-    assert any(not torch.equal(a, b) for a, b in zip(another.idx, mlp.idx))
+    assert any(a.tolist() != b for a, b in zip(another.idx, mlp_idx))
+    # Every request's slices are written into the same buffers: a captured graph reads them in place.
+    assert another is mlp and another.w_gate_up.data_ptr() == address
+    assert torch.equal(another.w_down[0], tiny.layers[0].w_down[another.idx[0]])
 
 
 # --- the loop on SmolLM2 -------------------------------------------------------------------------------
