@@ -463,7 +463,7 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     steps = {s: timer(lambda s=s: step(t0, pos, mlps[s]), reps, dev) for s in plans}
     dense = steps["dense"]
     name = {"dense": "dense", "coarse": "coarse", "fine": f"fine (plan {plans.get('fine')})"}
-    step_rows = [[name[s] + " (graph)" * compile, f"{steps[s] * 1e3:.2f}", f"{steps[s] / dense:.3f}",
+    step_rows = [[name[s] + " (graph)" * bool(compile), f"{steps[s] * 1e3:.2f}", f"{steps[s] / dense:.3f}",
                   f"{dens[s]:.3f}", f"{reads[s]:.3f}"] for s in plans]
     print_table(["one-token step", "ms", "/ dense", "ideal: density", "ideal: plan"], step_rows)
 
