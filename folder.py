@@ -311,6 +311,11 @@ def load_weights(args, cfg, longest_prompt, sirius=True):
         raise UsageError(f"Sirius needs {slots} cache slots (prompt {longest_prompt} + --max-new-tokens "
                          f"{args.max_new_tokens} - 1 + (--period {period} - 1) x --width {width}), more than "
                          f"the model's context of {cfg.max_position_embeddings}: lower one of them")
+    if cfg.sliding_window is not None and slots > cfg.sliding_window:  # a Llama within it; past it, not
+        raise UsageError(f"this request needs {slots} cache slots (prompt {longest_prompt} + "
+                         f"--max-new-tokens {args.max_new_tokens} - 1 + (--period {period} - 1) x --width "
+                         f"{width}), past the model's sliding_window of {cfg.sliding_window}, where "
+                         "attention is not implemented: lower one of them")
     check_memory(cfg, slots, 1 + (period - 1) * width, dtype, args.device)
     return load_model(args.model, slots, dtype, args.device)
 

@@ -98,11 +98,13 @@ WINDOW = 64
 FAMILIES = {
     "qwen2": (Qwen2Config, {}, "Qwen2: random non-zero biases on q, k and v, none on o; untied; "
               "use_sliding_window false (transformers writes sliding_window null, layer_types all full)"),
-    "qwen2_tied": (Qwen2Config, dict(tie_word_embeddings=True), "Qwen2 with tied embeddings (no lm_head.weight)"),
+    "qwen2_tied": (Qwen2Config, dict(tie_word_embeddings=True),
+                   "Qwen2 with tied embeddings (no lm_head.weight)"),
     "qwen2_window": (Qwen2Config, dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
                      f"Qwen2, use_sliding_window true: layer 1 attends to a window of {WINDOW} positions"),
     "qwen3": (Qwen3Config, dict(head_dim=16), "Qwen3: q_norm and k_norm (random weights 1 +- 0.1) over each "
-              "head's q and k before RoPE; explicit head_dim 16 (hidden_size / heads is 8); no attention bias"),
+              "head's q and k before RoPE; explicit head_dim 16 (hidden_size / heads is 8); no attention "
+              "bias"),
     "qwen3_bias": (Qwen3Config, dict(head_dim=16, attention_bias=True),
                    "Qwen3 with attention_bias true: biases on q, k, v and o"),
     "mistral": (MistralConfig, dict(sliding_window=None), "Mistral, sliding_window null: no biases, full "
@@ -110,7 +112,8 @@ FAMILIES = {
     "mistral_head_dim": (MistralConfig, dict(sliding_window=None, head_dim=12),
                          "Mistral with an explicit head_dim 12 (hidden_size / heads is 8), as Mistral-Nemo"),
     "mistral_window": (MistralConfig, dict(sliding_window=WINDOW), f"Mistral, sliding_window {WINDOW}, every "
-                       "layer; window_16_max_abs_diff: how far transformers' logits move with a window of 16"),
+                       "layer; window_16_max_abs_diff: how far transformers' logits move with a window of "
+                       "16"),
 }
 # The greedy golden: golden ids 15..22 as the prompt, 24 new tokens. The slice was chosen among a few so that
 # no step of any family has a near-tie and no answer falls into repeating one token.
@@ -241,8 +244,8 @@ def greedy_golden(model, ids: list) -> dict:
     smallest gap between a step's two best logits over its largest |logit|: far above the 1e-5 the logits
     are matched to, so no near-tie can flip a token."""
     prompt = torch.tensor([ids[GEN_PROMPT]])
-    config = GenerationConfig(max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
+    model.generation_config.eos_token_id = None     # else the folder's EOS would stop it (min_new_tokens
+    config = GenerationConfig(max_new_tokens=GEN_NEW, do_sample=False, pad_token_id=0)   # would mask it)
     out = model.generate(prompt, generation_config=config, output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0, prompt.shape[1]:].tolist()
     assert len(tokens) == GEN_NEW, tokens
@@ -250,18 +253,18 @@ def greedy_golden(model, ids: list) -> dict:
     assert gap > 1e-3, f"a near-tie in greedy decoding ({gap})"
     return {"prompt": ids[GEN_PROMPT], "max_new_tokens": GEN_NEW, "tokens": tokens,
             "min_relative_top2_gap": sig6(gap),
-            "reference": "model.generate(prompt, do_sample=False, max_new_tokens=min_new_tokens="
-                         f"{GEN_NEW}, eos_token_id=None), the same model as the logits"}
+            "reference": f"model.generate(prompt, do_sample=False, max_new_tokens={GEN_NEW}) with "
+                         "generation_config.eos_token_id None, the same model as the logits"}
 
 
 @torch.no_grad()
 def window_diff(folder: Path, ids: list, window: int) -> float:
     """How far transformers' logits move when the same weights attend through a window of `window`."""
-    config = json.loads((folder / "config.json").read_text())
-    narrow = AutoModelForCausalLM.from_config(type(load(folder).config)(**{**config, "sliding_window": window}),
+    model, config = load(folder), json.loads((folder / "config.json").read_text())
+    narrow = AutoModelForCausalLM.from_config(type(model.config)(**{**config, "sliding_window": window}),
                                               attn_implementation="eager").eval()
-    narrow.load_state_dict(load(folder).state_dict())
-    return float((run_logits(narrow, ids)[0] - run_logits(load(folder), ids)[0]).abs().max())
+    narrow.load_state_dict(model.state_dict())
+    return float((run_logits(narrow, ids)[0] - run_logits(model, ids)[0]).abs().max())
 
 
 def write_families(out: Path, ids: list) -> list:
