@@ -367,12 +367,86 @@ ZEPHYR_STYLE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+# transformers' {% generation %} block (it marks the assistant's text, for a mask of the tokens to train on),
+# with and without whitespace control; SmolLM2's ChatML tokens.
+GENERATION_STYLE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' and loop.index == 2 %}"
+    "{% generation %}{{ message['content'] | trim + eos_token }}{% endgeneration %}"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "    {%- generation -%}\n"
+    "        {{ message['content'] | trim }}{{ eos_token }}\n"
+    "    {%- endgeneration -%}\n"
+    "{% else %}{{ message['content'] | trim + eos_token }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{% endgeneration %}{% endif %}"
+)
+
 # name: (template or None for the GGUF's, bos_token, eos_token, further tokens made atomic)
 TEMPLATES = {
     "llama3": (LLAMA3_STYLE, "<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>"]),
     "llama2": (LLAMA2_STYLE, "<s>", "</s>", []),
     "zephyr": (ZEPHYR_STYLE, "<s>", "</s>", []),
+    "generation": (GENERATION_STYLE, "<|im_start|>", "<|im_end|>", []),
 }
+
+# Every special token a tokenizer_config.json can name, each written out where the template finds it (or a
+# note where it is not given to the template): transformers 5 passes its special_tokens_map, the seven
+# named tokens and any other `*_token` key or `extra_special_tokens` entry by name, but not the list of
+# additional_special_tokens. Some as AddedToken objects, as older tokenizer_config.json files write them.
+SPECIALS_STYLE = "".join(
+    [
+        "{{ bos_token }}{{ cls_token }}",
+        "{% for message in messages %}",
+        "{{ message['role'] + sep_token + message['content'] | trim + eos_token }}",
+        "{% endfor %}",
+    ]
+    + [f"{{{{ '[{n}=' ~ ({n} if {n} is defined else 'not given') ~ ']' }}}}"
+       for n in ("unk_token", "pad_token", "image_token", "audio_token", "additional_special_tokens")]
+    + ["{% if add_generation_prompt %}{{ 'assistant' + sep_token + mask_token }}{% endif %}"]
+)
+
+
+def added(content: str) -> dict:
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False,
+            "rstrip": False, "single_word": False, "special": True}
+
+
+SPECIALS_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": SPECIALS_STYLE,
+    "bos_token": "<s>", "eos_token": added("</s>"), "unk_token": "<unk>", "sep_token": added("<sep>"),
+    "pad_token": "<pad>", "cls_token": "<cls>", "mask_token": added("<mask>"),
+    "image_token": "<image>", "extra_special_tokens": {"audio_token": "<audio>"},
+    "additional_special_tokens": ["<extra_0>", "<extra_1>"], "add_bos_token": False,
+}
+SPECIALS = ["<s>", "</s>", "<unk>", "<sep>", "<pad>", "<cls>", "<mask>", "<image>", "<audio>", "<extra_0>",
+            "<extra_1>"]
+
+
+def specials_golden(folder: Path) -> dict:
+    """A byte-level tokenizer with every kind of special token, its tokenizer_config.json, and transformers'
+    rendering of CONVERSATIONS through AutoTokenizer.from_pretrained(folder).apply_chat_template."""
+    folder.mkdir()
+    alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())      # one token per byte
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(SPECIALS_CONFIG, indent=2) + "\n")
+    hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    cases = []
+    for conv, messages in CONVERSATIONS.items():
+        text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        cases.append({"conversation": conv, "messages": messages, "text": text, "ids": ids})
+    return {"reference": "AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, "
+                         "add_generation_prompt=True, tokenize=False) for text, tokenize=True for ids",
+            "transformers_version": transformers.__version__, "tokenizer_class": type(hf).__name__,
+            "special_tokens_map": hf.special_tokens_map, "cases": cases}
 CONVERSATIONS = {
     "single": [{"role": "user", "content": "What is the capital of France?"}],
     "few_shot": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
@@ -473,6 +547,8 @@ def main():
     (args.out / "chat").mkdir()
     chat = chat_golden(args.model_dir / "tokenizer.json", args.gguf)
     (args.out / "chat" / "golden.json").write_text(json.dumps(chat, indent=1, ensure_ascii=False) + "\n")
+    specials = specials_golden(args.out / "chat_specials")
+    (args.out / "chat_specials" / "golden.json").write_text(json.dumps(specials, indent=1) + "\n")
     manifest = {
         "made_by": "tests/reference/make_checkpoints.py",
         "transformers_version": transformers.__version__,
@@ -482,6 +558,7 @@ def main():
                        "ids[:cache_split] filled the cache; unscaled_rope_max_abs_diff for scaled rope",
         "variants": variants,
         "chat": "chat/golden.json",
+        "chat_specials": "chat_specials/: a tokenizer folder naming every kind of special token; golden.json",
     }
     (args.out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
     for v in variants:
