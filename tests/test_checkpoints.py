@@ -384,6 +384,18 @@ def test_family_greedy_is_transformers_and_strict_sirius_is_greedy(variant):
     assert corrected > 0                          # the sparse drafts went wrong: strict mode had work to do
 
 
+@pytest.mark.parametrize("variant", FAMILY_FOLDERS, ids=[v["folder"] for v in FAMILY_FOLDERS])
+def test_family_static_path_gives_transformers_logits(variant):
+    """The static-shape path (a 0-dim start_pos: the whole cache behind a mask, what torch.compile captures)
+    runs the family's attention too: transformers' logits, one pass and through the cache."""
+    golden = json.loads((CHECKPOINTS / variant["folder"] / variant["golden"]).read_text())
+    model = load_model(CHECKPOINTS / variant["folder"], max_seq_len=64)
+    ids, split = torch.tensor(golden["ids"]), golden["cache_split"]
+    assert rel_err(model(ids, torch.tensor(0)), torch.tensor(golden["logits"])) <= 1e-5
+    model(ids[:split], torch.tensor(0))
+    assert rel_err(model(ids[split:], torch.tensor(split)), torch.tensor(golden["cached_logits"])) <= 1e-5
+
+
 def family_config(folder, **changes):
     """A fixture folder's config.json with changes (None removes a key)."""
     config = {**json.loads((CHECKPOINTS / folder / "config.json").read_text()), **changes}
