@@ -49,13 +49,15 @@ ONLY = {"hidden_act": ("silu", "swish"),       # the MLP is SwiGLU (transformers
         "partial_rotary_factor": (1,),          # RoPE on part of each head only
         "quantization_config": ()}              # any: quantized checkpoints are not supported
 
-# model_type: the LlamaConfig fields its transformers class fixes in code whatever config.json says, and
-# whether it reads a sliding window ("mistral": sliding_window; "qwen": use_sliding_window and layer_types).
+# model_type: the LlamaConfig fields its transformers class fixes in code whatever config.json says (qkv_bias
+# and qk_norm are model.py's names, in no config.json: every family fixes them), and whether it reads a
+# sliding window ("mistral": sliding_window; "qwen": use_sliding_window, max_window_layers and layer_types).
+NO_BIAS = {"attention_bias": False, "mlp_bias": False}
 FAMILIES = {
-    "llama": {"fixed": {}, "window": None},
-    "mistral": {"fixed": {"attention_bias": False, "mlp_bias": False}, "window": "mistral"},
-    "qwen2": {"fixed": {"qkv_bias": True, "attention_bias": False, "mlp_bias": False}, "window": "qwen"},
-    "qwen3": {"fixed": {"qk_norm": True, "mlp_bias": False}, "window": "qwen"},
+    "llama": {"fixed": {"qkv_bias": False, "qk_norm": False}, "window": None},
+    "mistral": {"fixed": {**NO_BIAS, "qkv_bias": False, "qk_norm": False}, "window": "mistral"},
+    "qwen2": {"fixed": {**NO_BIAS, "qkv_bias": True, "qk_norm": False}, "window": "qwen"},
+    "qwen3": {"fixed": {"mlp_bias": False, "qkv_bias": False, "qk_norm": True}, "window": "qwen"},
 }
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3ForCausalLM": "qwen3"}     # the family where config.json has no model_type

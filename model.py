@@ -40,8 +40,8 @@ class LlamaConfig:
     attention_bias: bool = False         # q, k, v and o projections have biases
     qkv_bias: bool = False               # q, k and v only, not o (Qwen2)
     qk_norm: bool = False                # each head's q and k RMS-normed before RoPE (Qwen3's q_norm, k_norm)
-    sliding_window: int | None = None    # attention sees only the last this many positions (Mistral): not
-                                         # implemented, so a cache longer than it is refused (Llama.__init__)
+    sliding_window: int | None = None    # attention sees only the last this many positions (Mistral, Qwen
+                                         # where set): not implemented; a longer cache is refused (__init__)
     mlp_bias: bool = False               # gate, up and down projections have biases
     tie_word_embeddings: bool = True     # lm_head shares the embedding matrix
     max_position_embeddings: int = 8192  # the context the model was trained for
@@ -120,8 +120,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
         super().__init__()
-        h, D, w = cfg.hidden_size, cfg.intermediate_size, dict(device=device, dtype=dtype)
-        hd = cfg.head_dim
+        h, D, hd, w = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, dict(device=device, dtype=dtype)
         q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
         qkv_bias, o_bias, mlp_bias = cfg.attention_bias or cfg.qkv_bias, cfg.attention_bias, cfg.mlp_bias
         self.attn_norm, self.mlp_norm = weight(h, **w), weight(h, **w)

@@ -263,13 +263,16 @@ def test_config_field_is_refused(tmp_path, change, message):
 
 
 def test_harmless_fields_change_nothing(tmp_path):
-    """Fields listed as harmless, and the same RoPE said under both keys, give the plain model's logits."""
+    """Fields listed as harmless, and the same RoPE said under both keys, give the plain model's logits; so
+    do model.py's own names for the families' switches (qkv_bias, qk_norm), which no Llama config sets, and a
+    Llama's sliding_window (transformers' Llama has none)."""
     write_checkpoint(tmp_path / "plain", TINY_CONFIG)
     write_checkpoint(tmp_path / "extra", {**TINY_CONFIG, "attention_dropout": 0.1, "initializer_range": 0.5,
                                           "use_cache": False, "pad_token_id": 0, "torch_dtype": "bfloat16",
                                           "hidden_act": "silu", "pretraining_tp": 1, "rope_theta": None,
                                           "rope_scaling": {"type": "default"},
-                                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+                                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                                          "qkv_bias": True, "qk_norm": True, "sliding_window": 4})
     tokens = torch.arange(20)
     plain, extra = load_model(tmp_path / "plain", 32), load_model(tmp_path / "extra", 32)
     assert torch.equal(extra(tokens, 0), plain(tokens, 0))
