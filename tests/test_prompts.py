@@ -62,7 +62,7 @@ def test_ids_equal_transformers(golden_tokenizers, tmp_path, template, case):
     assert folder.chat_ids(tok, p, case["messages"]) == case["ids"]
 
 
-SPECIALS = ROOT / "tests" / "checkpoints" / "chat_specials"   # a tokenizer folder, also by make_checkpoints.py
+SPECIALS = ROOT / "tests" / "checkpoints" / "chat_specials"  # a tokenizer folder, by make_checkpoints.py
 
 
 def test_every_named_special_token_reaches_the_template():
