@@ -1,9 +1,12 @@
-"""A Hugging Face Llama folder read into model.py's Llama: config.json checked field by field, safetensors
-weights checked by name, kind, shape and finiteness, converted to model.py's (in, out) layout.
+"""A Hugging Face folder of a Llama, or of a Qwen2, Qwen3 or Mistral, read into model.py's Llama: config.json
+checked field by field, safetensors weights checked by name, kind, shape and finiteness, converted to
+model.py's (in, out) layout.
 
-Every field of transformers' LlamaConfig that changes the logits is implemented or refused with its name;
-every tensor in the checkpoint is used or refused (a tensor nobody reads means an architecture this file
-does not implement). A problem the user can fix is a CheckpointError: one line, naming the file.
+The family is config.json's model_type, as transformers' Auto classes choose it (`architectures` only where
+model_type is absent). Every field of that family's transformers config that changes the logits is
+implemented or refused with its name (FAMILIES, ONLY); every tensor in the checkpoint is used or refused (a
+tensor nobody reads means an architecture this file does not implement). A problem the user can fix is a
+CheckpointError: one line, naming the file.
 """
 import json
 import math
@@ -19,14 +22,25 @@ class CheckpointError(Exception):
     """A model folder that cannot be used (missing, malformed, inconsistent, unsupported): for the user."""
 
 
-# What load_model does with each field of transformers' LlamaConfig that could change the logits:
-#  implemented: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
-#    head_dim, vocab_size, rms_norm_eps, tie_word_embeddings, attention_bias, mlp_bias, rope_theta, and
-#    rope_parameters (transformers >= 5) or rope_scaling (older) of a type in ROPE_TYPES.
-#  refused (CheckpointError naming field and value): other RoPE types (dynamic, yarn, longrope, su, ...),
-#    and a field of ONLY with a value not listed there.
+# What load_model does with each field of transformers' Llama, Mistral, Qwen2 and Qwen3 configs that could
+# change the logits:
+#  implemented, every family: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+#    num_key_value_heads, head_dim, vocab_size, rms_norm_eps, tie_word_embeddings, rope_theta, and
+#    rope_parameters (transformers >= 5) or rope_scaling (older) of a type in ROPE_TYPES; absent ones take the
+#    family's transformers default (DEFAULTS).
+#  implemented, by family (FAMILIES): llama's attention_bias and mlp_bias; qwen3's attention_bias; the
+#    sliding window (mistral's sliding_window; qwen2's and qwen3's sliding_window where use_sliding_window
+#    and some layer slides, by layer_types or max_window_layers): a cache that reaches past it is refused,
+#    since attention past the window is not implemented; within it the model is a Llama's.
+#  refused (CheckpointError naming field and value): other RoPE types (dynamic, yarn, longrope, su, ...), a
+#    field of ONLY with a value not listed there, a layer_types entry that is not full or sliding attention,
+#    and any model_type but these four (gemma, phi, ...).
+#  not read, as transformers' class of that family does not read them (it fixes them in code): mistral's and
+#    qwen2's attention_bias and mlp_bias, qwen3's mlp_bias, mistral's layer_types (FAMILIES[...]["fixed"]).
 #  harmless: attention_dropout (training only), initializer_range, use_cache, pad/bos/eos_token_id,
-#    max_position_embeddings (the trained context), torch_dtype/dtype (weights load into the dtype asked).
+#    max_position_embeddings (the trained context), torch_dtype/dtype (weights load into the dtype asked),
+#    qwen's max_window_layers and layer_types where no layer slides, sliding_window where use_sliding_window
+#    is false.
 ROPE_TYPES = ("default", "linear", "llama3")
 RESCALE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                                    "original_max_position_embeddings")}
@@ -35,13 +49,49 @@ ONLY = {"hidden_act": ("silu", "swish"),       # the MLP is SwiGLU (transformers
         "partial_rotary_factor": (1,),          # RoPE on part of each head only
         "quantization_config": ()}              # any: quantized checkpoints are not supported
 
+# model_type: the LlamaConfig fields its transformers class fixes in code whatever config.json says (qkv_bias
+# and qk_norm are model.py's names, in no config.json: every family fixes them), and whether it reads a
+# sliding window ("mistral": sliding_window; "qwen": use_sliding_window, max_window_layers and layer_types).
+NO_BIAS = {"attention_bias": False, "mlp_bias": False}
+FAMILIES = {
+    "llama": {"fixed": {"qkv_bias": False, "qk_norm": False}, "window": None},
+    "mistral": {"fixed": {**NO_BIAS, "qkv_bias": False, "qk_norm": False}, "window": "mistral"},
+    "qwen2": {"fixed": {**NO_BIAS, "qkv_bias": True, "qk_norm": False}, "window": "qwen"},
+    "qwen3": {"fixed": {"mlp_bias": False, "qkv_bias": False, "qk_norm": True}, "window": "qwen"},
+}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3"}     # the family where config.json has no model_type
+# transformers' defaults for fields config.json may leave out, where they differ by family (None: h / heads
+# for head_dim, num_attention_heads for num_key_value_heads).
+DEFAULTS = {"llama": {"head_dim": None, "num_key_value_heads": None, "max_position_embeddings": 2048},
+            "mistral": {"head_dim": None, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+                        "sliding_window": 4096},
+            "qwen2": {"head_dim": None, "num_key_value_heads": 32, "max_position_embeddings": 32768,
+                      "sliding_window": 4096, "max_window_layers": 28},
+            "qwen3": {"head_dim": 128, "num_key_value_heads": 32, "max_position_embeddings": 32768,
+                      "sliding_window": 4096, "max_window_layers": 28}}
+
+
+def family_of(hf) -> str:
+    """config.json's model_type, as transformers dispatches; a folder without one, its single known class."""
+    kind = hf.get("model_type")
+    if kind is None:
+        known = [ARCHITECTURES[a] for a in hf.get("architectures") or [] if a in ARCHITECTURES]
+        if len(set(known)) != 1:
+            raise CheckpointError("lacks 'model_type' (and 'architectures' names no one known family)")
+        kind = known[0]
+    if kind not in FAMILIES:
+        raise CheckpointError(f"describes a {kind!r} model: only {', '.join(map(repr, FAMILIES))} are "
+                              "implemented")
+    return kind
+
 
 def config_from_hf(hf) -> LlamaConfig:
     """Read and check a config.json's fields: wrong types and ranges are reported, not crashed on."""
     if not isinstance(hf, dict):
         raise CheckpointError("expected a JSON object")
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in (hf.get("architectures") or []):
-        raise CheckpointError(f"describes a {hf.get('model_type')!r} model, not a Llama")
+    family = family_of(hf)
+    defaults, fixed = DEFAULTS[family], FAMILIES[family]["fixed"]
     for name, allowed in ONLY.items():
         if hf.get(name) is not None and hf[name] not in allowed:
             why = "quantized checkpoints are not supported" if name == "quantization_config" else \
@@ -58,21 +108,24 @@ def config_from_hf(hf) -> LlamaConfig:
         return v
 
     def flag(name):
+        if name in fixed:                   # the family's class does not read it
+            return fixed[name]
         if hf.get(name, False) not in (True, False):
             raise CheckpointError(f"{name} must be true or false, got {hf[name]!r}")
         return hf.get(name, False)
 
-    h, n_heads = num("hidden_size"), num("num_attention_heads")
+    h, n_heads, n_layers = num("hidden_size"), num("num_attention_heads"), num("num_hidden_layers")
     theta, scaling = rope_fields(hf)
     cfg = LlamaConfig(hidden_size=h, intermediate_size=num("intermediate_size"),
-              num_hidden_layers=num("num_hidden_layers"), num_attention_heads=n_heads,
-              num_key_value_heads=num("num_key_value_heads", n_heads),
-              head_dim=num("head_dim", h // n_heads),
-              vocab_size=num("vocab_size"), rms_norm_eps=num("rms_norm_eps", 1e-5, (int, float)),
+              num_hidden_layers=n_layers, num_attention_heads=n_heads,
+              num_key_value_heads=num("num_key_value_heads", defaults["num_key_value_heads"] or n_heads),
+              head_dim=num("head_dim", defaults["head_dim"] or h // n_heads),
+              vocab_size=num("vocab_size"), rms_norm_eps=num("rms_norm_eps", 1e-6, (int, float)),
               rope_theta=num("rope_theta", 10000.0, (int, float), theta), rope_scaling=scaling,
-              attention_bias=flag("attention_bias"), mlp_bias=flag("mlp_bias"),
-              tie_word_embeddings=hf.get("tie_word_embeddings") is True,
-              max_position_embeddings=num("max_position_embeddings", 2048))
+              attention_bias=flag("attention_bias"), qkv_bias=flag("qkv_bias"), qk_norm=flag("qk_norm"),
+              mlp_bias=flag("mlp_bias"), tie_word_embeddings=hf.get("tie_word_embeddings") is True,
+              max_position_embeddings=num("max_position_embeddings", defaults["max_position_embeddings"]))
+    cfg.sliding_window = sliding_window(hf, family, n_layers, num, flag)
     eos = hf.get("eos_token_id")
     cfg.eos_token_id = [] if eos is None else [eos] if isinstance(eos, int) else eos
     if not isinstance(cfg.eos_token_id, list) or not all(type(e) is int for e in cfg.eos_token_id):
@@ -82,6 +135,27 @@ def config_from_hf(hf) -> LlamaConfig:
     if cfg.head_dim % 2:
         raise CheckpointError(f"head_dim must be even (RoPE turns pairs), got {cfg.head_dim}")
     return cfg
+
+
+def sliding_window(hf, family, n_layers, num, flag):
+    """The window of positions attention sees in some layer, as that family's transformers config reads it,
+    or None where every layer attends to all positions."""
+    defaults, rule = DEFAULTS[family], FAMILIES[family]["window"]
+    if rule == "mistral":       # every layer; an absent key is the default window, null is none
+        given = hf.get("sliding_window", defaults["sliding_window"])
+        return None if given is None else num("sliding_window", given=given)
+    if rule is None or not flag("use_sliding_window"):     # Llama reads no window; qwen's is off
+        return None
+    types, first = hf.get("layer_types"), hf.get("max_window_layers", defaults["max_window_layers"])
+    if types is None:           # transformers' rule: the layers from max_window_layers on slide
+        if type(first) is not int or first < 0:
+            raise CheckpointError(f"max_window_layers must be a whole number >= 0, got {first!r}")
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    if not isinstance(types, list) or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise CheckpointError(f"layer_types {types!r}: only full_attention and sliding_attention are known")
+    window = hf.get("sliding_window", defaults["sliding_window"])
+    slides = "sliding_attention" in types and window is not None
+    return num("sliding_window", given=window) if slides else None
 
 
 def rope_fields(hf):
@@ -130,6 +204,8 @@ def hf_views(model: Llama) -> dict:
         p = f"model.layers.{i}."
         views[p + "input_layernorm.weight"] = L.attn_norm
         views[p + "post_attention_layernorm.weight"] = L.mlp_norm
+        if cfg.qk_norm:
+            views[p + "self_attn.q_norm.weight"], views[p + "self_attn.k_norm.weight"] = L.q_norm, L.k_norm
         # Each HF projection: our (in, out) matrix and bias it goes into, and at which output columns.
         parts = {"self_attn.q_proj": (L.wqkv, L.bqkv, slice(0, q)),
                  "self_attn.k_proj": (L.wqkv, L.bqkv, slice(q, q + kv)),
@@ -193,10 +269,15 @@ def safetensors_files(model_dir: Path) -> dict:
 
 
 def load_model(model_dir, max_seq_len: int = 2048, dtype=torch.float32, device="cpu") -> Llama:
-    """A HF Llama folder as a Llama on `device` in `dtype`. Each tensor is checked by name, kind and shape as
-    it is read, and for finiteness where it lands (on the device, in `dtype`: one read-back for all)."""
+    """A HF folder (of one of FAMILIES) as a Llama on `device` in `dtype`, with max_seq_len cache slots. Each
+    tensor is checked by name, kind and shape as it is read, and for finiteness where it lands (on the device,
+    in `dtype`: one read-back for all)."""
     model_dir = Path(model_dir)
     cfg, files = read_config(model_dir), safetensors_files(model_dir)
+    if cfg.sliding_window is not None and max_seq_len > cfg.sliding_window:
+        raise CheckpointError(f"{model_dir / 'config.json'}: sliding_window {cfg.sliding_window}: attention "
+                              f"past the window is not implemented, and a cache of {max_seq_len} slots "
+                              "reaches past it")
     model = Llama(cfg, max_seq_len, device=device, dtype=dtype)
     views, handles = hf_views(model), {}
     unused = sorted(n for n in files if n not in views and not unused_but_harmless(n, cfg))

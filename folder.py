@@ -1,11 +1,11 @@
 """A model folder as the command line opens it: its config, its tokenizer, and the prompt it asks for.
 
 A Hugging Face folder says how its model is prompted: tokenizer_config.json (or chat_template.jinja) holds the
-chat template, a Jinja program that turns a list of messages into text, with the BOS and EOS token strings it
-writes; config.json and generation_config.json say which tokens end an answer. The template is rendered as
-transformers' `apply_chat_template` renders it, so the ids are the ones the model was trained on, with one
-exception: a control token the user types (`<|im_end|>`) stays text, and is not obeyed. The weights come
-later (load_weights), once the longest prompt fixes the size of the KV cache.
+chat template, a Jinja program that turns a list of messages into text, with the special token strings it
+writes (BOS, EOS, and any other it names); config.json and generation_config.json say which tokens end an
+answer. The template is rendered as transformers' `apply_chat_template` renders it, so the ids are the ones
+the model was trained on, with one exception: a control token the user types (`<|im_end|>`) stays text, and
+is not obeyed. The weights come later (load_weights), once the longest prompt fixes the size of the KV cache.
 """
 import datetime
 import functools
@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,6 +40,8 @@ class Prompting:
     eos_token: str | None
     bos_id: int | None          # bos_token's id in tokenizer.json
     add_bos_token: bool | None  # plain text starts with BOS; None: tokenizer.json's post-processor decides
+    # Every special token the template sees by name ({{ sep_token }}, ...), as transformers passes them.
+    special_tokens: dict = field(default_factory=dict)
 
 
 class Folder(NamedTuple):
@@ -141,14 +143,32 @@ def read_prompting(model_dir, tok: Tokenizer) -> Prompting:
         template = read_text(source)
     if template is not None and not isinstance(template, str):
         raise CheckpointError(f"{path}: chat_template must be a string, got {type(template).__name__}")
-    bos, eos = (token_text(conf.get(k), path, k) for k in ("bos_token", "eos_token"))
+    specials = special_tokens(conf, path)
+    bos, eos = specials.get("bos_token"), specials.get("eos_token")
     add_bos = conf.get("add_bos_token")
     if add_bos not in (None, True, False):
         raise CheckpointError(f"{path}: add_bos_token must be true or false, got {add_bos!r}")
     bos_id = tok.token_to_id(bos) if bos is not None else None
     if add_bos and bos_id is None:
         raise CheckpointError(f"{path}: add_bos_token is true but bos_token {bos!r} is not in tokenizer.json")
-    return Prompting(template or None, source, bos, eos, bos_id, add_bos)
+    return Prompting(template or None, source, bos, eos, bos_id, add_bos, specials)
+
+
+NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def special_tokens(conf, path) -> dict:
+    """The special tokens a template sees, as transformers 5 builds its special_tokens_map from
+    tokenizer_config.json: the seven named ones; any other `*_token` key holding a token (Gemma's
+    image_token, ...), and the entries of an `extra_special_tokens` object, under their names. A list of
+    additional_special_tokens (or extra_special_tokens) is not passed: transformers 5 passes no list."""
+    extra = conf.get("extra_special_tokens")
+    named = {k: v for k, v in conf.items() if k.endswith("_token") and k not in NAMED_TOKENS
+             and (isinstance(v, str) or isinstance(v, dict) and isinstance(v.get("content"), str))}
+    named.update(extra if isinstance(extra, dict) else {})
+    tokens = {k: token_text(conf.get(k), path, k) for k in NAMED_TOKENS}
+    tokens.update({k: token_text(v, path, k) for k, v in named.items()})
+    return {k: v for k, v in tokens.items() if v is not None}
 
 
 def token_text(value, path, key):
@@ -178,9 +198,25 @@ def read_stop_ids(model_dir, cfg) -> list:
 @functools.lru_cache
 def compile_template(template: str):
     """The Jinja environment transformers renders chat templates in: sandboxed, trim_blocks and lstrip_blocks,
-    a `raise_exception` the template can call, a `tojson` that does not escape HTML, and `strftime_now`."""
+    a `raise_exception` the template can call, a `tojson` that does not escape HTML, `strftime_now`, and the
+    `{% generation %}` block."""
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %} marks the assistant's text, for transformers to return a
+        mask of the tokens to train on. A prompt needs no mask: the block is its body, as transformers
+        renders it when no mask is asked for."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("body"), [], [], body).set_lineno(lineno)
+
+        def body(self, caller):
+            return caller()
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -190,7 +226,7 @@ def compile_template(template: str):
                           sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=[Generation, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -199,11 +235,10 @@ def compile_template(template: str):
 
 def render(prompting: Prompting, messages) -> str:
     """The template's text for these messages, ending in the start of the assistant's turn."""
-    specials = {"bos_token": prompting.bos_token, "eos_token": prompting.eos_token}
-    specials = {k: v for k, v in specials.items() if v is not None}  # an absent one renders as "", not "None"
-    try:
+    try:  # an absent special token is not passed (it renders as "", not "None")
         return compile_template(prompting.template).render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=True, **specials)
+            messages=messages, tools=None, documents=None, add_generation_prompt=True,
+            **prompting.special_tokens)
     except Exception as e:  # the template is the folder's program: whatever it raises is the folder's fault
         why = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{prompting.source}: the chat template fails ({type(e).__name__}: {why})") \
@@ -311,6 +346,11 @@ def load_weights(args, cfg, longest_prompt, sirius=True):
         raise UsageError(f"Sirius needs {slots} cache slots (prompt {longest_prompt} + --max-new-tokens "
                          f"{args.max_new_tokens} - 1 + (--period {period} - 1) x --width {width}), more than "
                          f"the model's context of {cfg.max_position_embeddings}: lower one of them")
+    if cfg.sliding_window is not None and slots > cfg.sliding_window:  # a Llama within it; past it, not
+        raise UsageError(f"this request needs {slots} cache slots (prompt {longest_prompt} + "
+                         f"--max-new-tokens {args.max_new_tokens} - 1 + (--period {period} - 1) x --width "
+                         f"{width}), past the model's sliding_window of {cfg.sliding_window}, where "
+                         "attention is not implemented: lower one of them")
     check_memory(cfg, slots, 1 + (period - 1) * width, dtype, args.device)
     return load_model(args.model, slots, dtype, args.device)
 

@@ -175,12 +175,14 @@ def slice_mlp(mlp, idx, out=None):
 # --- accounting ------------------------------------------------------------------------------------------
 
 def param_count(cfg):
-    """All parameters of a Llama from its config: embeddings (and untied lm_head), attention, MLP, norms, and
-    the biases of checkpoints with attention_bias (q, k, v, o) or mlp_bias (gate, up, down)."""
+    """All parameters of a Llama from its config: embeddings (and untied lm_head), attention, MLP, norms, the
+    biases of attention_bias (q, k, v, o), qkv_bias (q, k, v), mlp_bias (gate, up, down), qk_norm's norms."""
     h, D, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
     q_o, k_v = hd * cfg.num_attention_heads, hd * cfg.num_key_value_heads
-    attn = 2 * h * (q_o + k_v) + getattr(cfg, "attention_bias", False) * (q_o + 2 * k_v + h)
+    o_bias, qk_norm = getattr(cfg, "attention_bias", False), getattr(cfg, "qk_norm", False)
+    attn = 2 * h * (q_o + k_v) + (o_bias or getattr(cfg, "qkv_bias", False)) * (q_o + 2 * k_v) + o_bias * h
+    attn += qk_norm * 2 * hd                                             # one (hd,) weight each for q and k
     mlp = 3 * h * D + getattr(cfg, "mlp_bias", False) * (2 * D + h)
     embed = cfg.vocab_size * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
     return L * (attn + mlp + 2 * h) + h + embed                          # + 2 norms a layer, final norm

