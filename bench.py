@@ -18,7 +18,7 @@ import torch
 import kernels
 from model import Llama, LlamaConfig
 from folder import UsageError, encode, load_weights, open_model_folder, read_text
-from sirius_min import (average_advance_length, captured, captured_judge, effective_density, generate,
+from sirius_min import (average_advance_length, captured, effective_density, generate,
                         judge_period, prefill_and_sparse_mlp, sirius, sirius_period, tree_pass_args)
 
 def full_model_nll(model, prompt, tokens):
@@ -248,6 +248,13 @@ def gemv_ceilings(model, reps=5):
             "this model's matrices": gbytes(mats) / timer(step, reps, dev)}
 
 
+def mlp_bytes_ratio(keep, plan):
+    """Ideal sparse/dense time of one decode-step MLP: the share of its weights a plan reads (a batch-1 step
+    is memory-bound; biases left out). plan: "dense", "coarse" or one of kernels.fine_plan's."""
+    return {"dense": 1.0, "coarse": keep, "gather": (1 + 2 * keep) / 3, "gather_down": (2 + keep) / 3,
+            "mask": 1.0}[plan]
+
+
 def random_mlps(hidden, intermediate, dtype, device, g):
     """As many random MLPs (<= 64, weights ~ N(0, 0.02), up_rows where model.py makes them) as make 256 MB,
     so that, as in a decode step, each layer's weights come from memory, not cache."""
@@ -300,7 +307,7 @@ def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.flo
                      [lambda w=w, k=k: kernels.fine_mlp(x, w, k) for w in mlps]))
         rows.append(("coarse", f, "coarse", [lambda s=s: kernels.dense_mlp(x, s) for s in sliced]))
     secs = time_cases([runs for *_, runs in rows], len(mlps), reps, seconds, dev)
-    return [dict(mode=m, f=f, plan=p, ms=t * 1e3, ratio=t / secs[0], ideal=kernels.mlp_bytes_ratio(f, p))
+    return [dict(mode=m, f=f, plan=p, ms=t * 1e3, ratio=t / secs[0], ideal=mlp_bytes_ratio(f, p))
             for (m, f, p, _), t in zip(rows, secs)]
 
 
@@ -392,7 +399,7 @@ def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict
     it (sirius_min.tree_pass_args): the root's draft step (one token), a draft step over one depth (w tokens),
     the verify pass (1 + (K-1)·w tokens) and a whole `sirius_period`. "rest" is the period minus root,
     K-2 draft steps and the verify pass: choosing tokens, the acceptance rule, the back-gather, the
-    read-back. A captured model (sirius_min.captured) and judge (captured_judge) time the graphs."""
+    read-back. A captured model and its judge (sirius_min.captured) time the graphs."""
     dev = t0.device
     depth, sees = side_by_side_chains(period, width, dev)
     tokens = t0.view(1).repeat(len(depth))                  # the tokens do not change a pass's cost
@@ -447,7 +454,7 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     if compile:
         del plans["fine"]
     # the share of all weights a one-token step reads under each plan (only MLP weights are skipped)
-    reads = {s: 1 - L * 3 * cfg.hidden_size * D * (1 - kernels.mlp_bytes_ratio(keep, p)) / total
+    reads = {s: 1 - L * 3 * cfg.hidden_size * D * (1 - mlp_bytes_ratio(keep, p)) / total
              for s, p in plans.items()}
     dens = {s: kernels.density(cfg, keep, s) for s in plans}
     mlps = {"dense": None}
@@ -455,7 +462,7 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
         if s in plans or s == sparsity:
             mlps[s] = prefill_and_sparse_mlp(model, prompt, s, keep)[1]
     step = captured(model, compile)               # the model itself, or its decode passes as graphs
-    judge = captured_judge(compile) if compile else judge_period          # (greedy: it can be captured)
+    judge = step.judge if compile else judge_period                     # greedy: it is captured too
     if compile:
         for s in plans:
             for _ in range(3):                     # compile, then let the graph be recorded

@@ -21,6 +21,8 @@ import weakref
 import torch
 import torch._dynamo
 
+import sirius_min
+
 _captured = weakref.WeakKeyDictionary()      # model -> {backend: Captured}: graphs are kept per model
 
 
@@ -33,7 +35,9 @@ def compile_options(backend):
 
 
 def capture(model, backend="inductor"):
-    """`model` with its decode passes captured (made once per model and backend, then reused)."""
+    """`model` with its decode passes captured (made once per model and backend, then reused). backend:
+    a torch.compile backend's name, True for "inductor"."""
+    backend = "inductor" if backend is True else backend
     # Each pass length and MLP kind is its own graph of one function: allow more than dynamo's default 8.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     per_model = _captured.setdefault(model, {})
@@ -63,6 +67,8 @@ class Captured:
         self.slot_ids = torch.arange(model.max_seq_len, device=device)
         self.masks = {}                         # pass length T -> (T, max_seq_len) bool, a fixed address
         self.graph = torch.compile(self.static_pass, **compile_options(backend))
+        # The period's device part too (greedy only: a graph cannot take a sampler's torch.Generator).
+        self.judge = capture_function(sirius_min.judge_period, backend)
 
     def static_pass(self, tokens, start, mlp, positions, mask):
         return self.model(tokens, start, mlp, positions=positions, mask=mask)

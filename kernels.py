@@ -83,7 +83,7 @@ def fine_mlp_reference(x, mlp, k):
 
 
 def fine_plan(x, k, D):
-    """How fine_mlp reads the weights, and so which ideal (bytes) ratio it can reach (`mlp_bytes_ratio`).
+    """How fine_mlp reads the weights, and so which ideal (bytes) ratio it can reach (bench.mlp_bytes_ratio).
     "gather" (CPU fp32/fp64, where sampled_addmm exists): all of W_gate, the kept rows of W_up and W_down.
     "gather_down" (CPU, other dtypes; bf16 measured 0.7-0.9 of mask): W_gate and W_up, W_down's kept rows.
     "mask": every weight once, unkept neurons zeroed: the paper's density emulated at dense's cost or more.
@@ -161,10 +161,11 @@ def slice_mlp(mlp, idx, out=None):
     contiguous memory), or written in place into `out`, an MLPWeights of those shapes."""
     D = mlp.w_down.shape[0]
     cols = torch.cat([idx, D + idx])                                   # gate | up columns of the kept neurons
-    b_gate_up = getattr(mlp, "b_gate_up", None)
+    b_gate_up, h = getattr(mlp, "b_gate_up", None), mlp.w_down.shape[1]
     if out is None:
-        return MLPWeights(mlp.w_gate_up.index_select(1, cols), mlp.w_down.index_select(0, idx),
-                          None if b_gate_up is None else b_gate_up[cols], getattr(mlp, "b_down", None))
+        new = mlp.w_down.new_empty
+        out = MLPWeights(new(h, len(cols)), new(len(idx), h), None if b_gate_up is None else new(len(cols)),
+                         getattr(mlp, "b_down", None))
     torch.index_select(mlp.w_gate_up, 1, cols, out=out.w_gate_up)
     torch.index_select(mlp.w_down, 0, idx, out=out.w_down)
     if b_gate_up is not None:
@@ -205,10 +206,3 @@ def density(cfg, keep, sparsity):
     mlp_all = 3 * h * D + bias * (2 * D + h)
     total = param_count(cfg)
     return (total - L * (mlp_all - mlp_read)) / total
-
-
-def mlp_bytes_ratio(keep, plan):
-    """Ideal sparse/dense time of one decode-step MLP: the share of its weights a plan reads (a batch-1 step
-    is memory-bound; biases left out). plan: "dense", "coarse" or one of `fine_plan`'s."""
-    return {"dense": 1.0, "coarse": keep, "gather": (1 + 2 * keep) / 3, "gather_down": (2 + keep) / 3,
-            "mask": 1.0}[plan]

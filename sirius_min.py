@@ -4,9 +4,9 @@ Batch 1, greedy by default (temperature 0, as in the paper), sampling with a tem
 model is the full model's own weights with a sparse MLP passed through the model's MLP seam, so both share one
 KV cache. What this file needs of a model is `Model` below: model.py's Llama meets it, and so does the small
 stand-in in tests/test_sirius.py. Read top to bottom: the contract, choosing a token, the sparse MLPs and the
-prefill, plain decoding, the metrics, then Sirius: the acceptance rules, drafting (a chain, or a tree of width
-w), one period, the loop. On a GPU a period waits for the device once (one packed read-back) and plain
-decoding once per token; drafting and verifying never wait.
+prefill, the metrics, plain decoding, then Sirius: the acceptance rules, drafting (a chain, or a tree of width
+w), one period, the loop. A period waits for the device once (one packed read-back), plain decoding once per
+token; with compile=, every decode pass replays as a captured graph (graphs.py).
 """
 import time
 import weakref
@@ -39,14 +39,14 @@ class Model(Protocol):
     def move_kv(self, slots, start): ...
 
 
-# --- choosing a token: the one place logits become a token ----------------------------------------
+# --- choosing a token: the argmax, or a sample from a distribution ---------------------------------
 
 @dataclass
 class Sampling:
     """How tokens are chosen: greedy at temperature 0, else sampled at temperature T from the nucleus."""
     temperature: float = 0.0
     top_p: float = 1.0
-    generator: torch.Generator | None = None  # on the logits' device; None: a fresh, randomly seeded one
+    generator: torch.Generator | None = None  # on the logits' device; None: torch's global one
 
     @property
     def greedy(self):
@@ -81,6 +81,7 @@ def choose_token(logits, sampling: Sampling):
 
 
 def check_sampling(temperature, top_p, generator, device) -> Sampling:
+    """The options checked; sampling with no generator gets a fresh, randomly seeded one."""
     if not (isinstance(temperature, (int, float)) and (temperature == 0 or 0.01 <= temperature < 1e9)):
         raise ValueError(f"temperature must be 0 (greedy) or at least 0.01 (finite), got {temperature!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
@@ -104,29 +105,20 @@ class FineMLP:
 
 
 class CoarseMLP(torch.nn.Module):
-    """Coarse-grained sparsity (GRIFFIN): neurons chosen once from the prompt, their weights sliced once.
-    `select` slices them for a request (`idx[i]`: layer i's neurons); every sparse step is then a smaller
-    dense MLP. The slices are buffers, 3·h·k numbers a layer, allocated once per model and k (`for_model`)
-    and refilled in place by each request, so a captured graph finds them at the same address every time."""
+    """Coarse-grained sparsity (GRIFFIN): neurons chosen once from the prompt (`select`: idx[i] in layer i),
+    their weights sliced once; every sparse step is then a smaller dense MLP. The slices are buffers, 3·h·k
+    numbers a layer, made once per model and k (`_coarse_mlps`) and refilled in place by each request, so
+    that a captured graph reads them at the same address every time: one request at a time per model."""
 
     def __init__(self, model, k: int):
         super().__init__()
-        L, h, D = len(model.layers), model.cfg.hidden_size, model.cfg.intermediate_size
-        like = dict(device=model.layers[0].w_down.device, dtype=model.layers[0].w_down.dtype)
+        L, h, like = len(model.layers), model.cfg.hidden_size, model.layers[0].w_down
         has_bias = getattr(model.layers[0], "b_gate_up", None) is not None
-        self.register_buffer("w_gate_up", torch.empty(L, h, 2 * k, **like), persistent=False)
-        self.register_buffer("w_down", torch.empty(L, k, h, **like), persistent=False)
-        self.register_buffer("b_gate_up", torch.empty(L, 2 * k, **like) if has_bias else None, persistent=False)
+        self.register_buffer("w_gate_up", like.new_empty(L, h, 2 * k), persistent=False)
+        self.register_buffer("w_down", like.new_empty(L, k, h), persistent=False)
+        self.register_buffer("b_gate_up", like.new_empty(L, 2 * k) if has_bias else None, persistent=False)
         self.b_down = [getattr(layer, "b_down", None) for layer in model.layers]   # not sliced: the model's
-        self.k, self.D, self.idx = k, D, []
-
-    @staticmethod
-    def for_model(model, keep):
-        k = n_kept(model.cfg.intermediate_size, keep)
-        mlp = _coarse_mlps.get(model)
-        if mlp is None or mlp.k != k:
-            mlp = _coarse_mlps[model] = CoarseMLP(model, k)
-        return mlp
+        self.k, self.idx = k, []
 
     def layer(self, i):
         """Layer i's slices, as the MLPWeights kernels.py reads (views of the buffers)."""
@@ -134,7 +126,7 @@ class CoarseMLP(torch.nn.Module):
         return MLPWeights(self.w_gate_up[i], self.w_down[i], b_gate_up, self.b_down[i])
 
     def select(self, model, scores: list):
-        """This request's neurons: the k best by score in every layer, their weights copied into the slices."""
+        """This request's neurons, the k best-scored of every layer, their weights copied into the slices."""
         self.idx = [select_coarse(s, self.k) for s in scores]
         for i, (layer, idx) in enumerate(zip(model.layers, self.idx)):
             slice_mlp(layer, idx, out=self.layer(i))
@@ -144,7 +136,7 @@ class CoarseMLP(torch.nn.Module):
         return dense_mlp(x, self.layer(i))
 
 
-_coarse_mlps = weakref.WeakKeyDictionary()   # model -> its CoarseMLP: one request at a time, as its KV cache
+_coarse_mlps = weakref.WeakKeyDictionary()   # model -> its CoarseMLP (at the last request's k)
 
 
 def prefill_and_sparse_mlp(model, prompt, sparsity="dense", keep=0.5):
@@ -169,7 +161,10 @@ def prefill_and_sparse_mlp(model, prompt, sparsity="dense", keep=0.5):
         return out if getattr(layer, "b_down", None) is None else out + layer.b_down
 
     logits = model(prompt, 0, mlp=scoring_mlp, last_only=True)
-    return logits, CoarseMLP.for_model(model, keep).select(model, scores)
+    coarse, k = _coarse_mlps.get(model), n_kept(model.cfg.intermediate_size, keep)
+    if coarse is None or coarse.k != k:
+        coarse = _coarse_mlps[model] = CoarseMLP(model, k)
+    return logits, coarse.select(model, scores)
 
 
 def clock(device):
@@ -231,18 +226,10 @@ def check_request(model, max_new_tokens, slots_needed):
 
 
 def captured(model, compile):
-    """The model itself, or (compile: True for CUDA graphs, or a torch.compile backend's name) the same model
-    with every decode pass replayed as a captured graph: graphs.py, which only this imports."""
-    if not compile:
-        return model
+    """The model, or (compile: True for CUDA graphs, or a torch.compile backend's name) the same model with
+    every decode pass, and `.judge`, a captured graph: graphs.py, imported only here."""
     import graphs
-    return graphs.capture(model, "inductor" if compile is True else compile)
-
-
-def captured_judge(compile):
-    """judge_period as one captured graph (greedy only: a graph cannot take a sampler's torch.Generator)."""
-    import graphs
-    return graphs.capture_function(judge_period, "inductor" if compile is True else compile)
+    return graphs.capture(model, compile) if compile else model
 
 
 def generate(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="dense", keep=0.5, temperature=0.0,
@@ -338,7 +325,7 @@ class Tree:
     parent: torch.Tensor          # (N,) each node's parent (the root points at itself)
     depth: torch.Tensor           # (N,) each node's depth
     sees: torch.Tensor            # (N, N) bool: sees[i, j] if node j is node i or one of its ancestors
-    draft_probs: torch.Tensor | None = None  # (N, V) the sparse model's distribution at each node, sampled
+    draft_probs: torch.Tensor | None = None  # (N, V) sampled: row j is what node j was drawn from
 
 
 def draft_tree(model, sparse_mlp, t0, pos, period, width, sampling: Sampling, keep_probs=False):
@@ -475,7 +462,7 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
     check_request(model, max_new_tokens, cache_slots(len(prompt), max_new_tokens, period, width))
     model = captured(model, compile)
     logits, sparse_mlp = prefill_and_sparse_mlp(model, prompt, sparsity, keep)
-    judge = captured_judge(compile) if compile and sampling.greedy else judge_period
+    judge = model.judge if compile and sampling.greedy else judge_period
     res = Result([], [], density(model.cfg, keep, sparsity), period, width)
     t0, pos = choose_token(logits[-1], sampling), len(prompt)              # the first token: full model
     start = clock(prompt.device)

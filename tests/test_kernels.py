@@ -13,9 +13,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
+from bench import mlp_bytes_ratio
 from conftest import rel_err
 from kernels import (GATHER_BELOW, MLPWeights, check_keep, dense_mlp, density, fine_mlp, fine_mlp_reference,
-                     fine_plan, griffin_scores, mlp_bytes_ratio, n_kept, param_count, select_coarse,
+                     fine_plan, griffin_scores, n_kept, param_count, select_coarse,
                      select_fine, slice_mlp, swiglu)
 
 LLAMA3_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
