@@ -290,6 +290,8 @@ def encode(args, folder: Folder, text: str, examples=()) -> torch.Tensor:
         raise UsageError("the prompt is not valid UTF-8") from None
     if args.chat and folder.prompting.template:
         ids = chat_ids(folder.tok, folder.prompting, few_shot(text, examples))
+        if not ids:  # the template's output: a folder's fault, like any other way its template fails
+            raise CheckpointError(f"{folder.prompting.source}: the chat template renders an empty prompt")
     else:
         ids = plain_ids(folder.tok, folder.prompting, text, examples)
     if len(ids) + args.max_new_tokens > folder.cfg.max_position_embeddings:
