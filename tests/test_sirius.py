@@ -491,21 +491,37 @@ def fine_answers(smollm, prompts):
     return [sirius(smollm[0], p, 48, sparsity="fine", keep=0.5, period=8) for p in prompts[:3]]
 
 
+def fine_mlp_by_hand(x, layer, k):
+    """The fine-sparse MLP as the paper defines it, written out: each row (token) keeps its own k neurons
+    with the largest |SiLU(gate)|, the others' activations are zero. (One decode step is one row.)"""
+    gate, up = (x @ layer.w_gate_up).chunk(2, dim=-1)                  # W_gate^T | W_up^T side by side
+    act = F.silu(gate)
+    kept = torch.zeros_like(act).scatter_(-1, act.abs().topk(k, dim=-1).indices, 1.0)
+    return (act * up * kept) @ layer.w_down
+
+
 def sparse_mlp_by_hand(model, prompt, sparsity, keep):
-    """The request's sparse MLP written out: fine, each token's own top k by |SiLU(gate)| (kernels'
-    fine_mlp); coarse, GRIFFIN's top k from a recorded dense pass over the prompt, applied as a mask."""
+    """The request's sparse MLP written out: fine, each token's own top k by |SiLU(gate)|; coarse, GRIFFIN's
+    top k from a recorded dense pass over the prompt, applied as a mask."""
     D = model.cfg.intermediate_size
-    k = n_kept(D, keep)
+    k = max(1, round(keep * D))
     if sparsity == "fine":
-        return lambda i, x: sirius_min.fine_mlp(x, model.layers[i], k)
+        return lambda i, x: fine_mlp_by_hand(x, model.layers[i], k)
     acts = []
     def recording(i, x):
-        acts.append(swiglu(x, model.layers[i]))
-        return dense_mlp(x, model.layers[i])
+        gate, up = (x @ model.layers[i].w_gate_up).chunk(2, dim=-1)
+        acts.append(F.silu(gate) * up)
+        return acts[-1] @ model.layers[i].w_down
 
     model(prompt, 0, mlp=recording)
-    masks = [torch.zeros(D).index_fill_(0, griffin_scores(z).topk(k).indices, 1.0) for z in acts]
-    return lambda i, x: (swiglu(x, model.layers[i]) * masks[i]) @ model.layers[i].w_down
+    # GRIFFIN's score of a neuron: the norm over the prompt of its activations, each token's row normalised
+    scores = [(z / z.norm(dim=-1, keepdim=True)).norm(dim=0) for z in acts]
+    masks = [torch.zeros(D).index_fill_(0, s.topk(k).indices, 1.0) for s in scores]
+
+    def coarse(i, x):
+        gate, up = (x @ model.layers[i].w_gate_up).chunk(2, dim=-1)
+        return (F.silu(gate) * up * masks[i]) @ model.layers[i].w_down
+    return coarse
 
 
 def plain_loop(model, prompt, max_new, *, sparsity, keep, period, threshold=0.1):
@@ -737,8 +753,7 @@ def test_a_seed_reproduces_a_sampled_run(tiny):
 
 def test_paper_rule_with_sampling_keeps_only_plausible_drafts(tiny):
     """The paper's rule with sampled drafts: every kept draft has p >= threshold at temperature 0.6 under the
-    full model, and the first rejected one has less; the full model's token after them is sampled, so the
-    same drafts can be followed by different tokens."""
+    full model, and the first rejected one has less."""
     periods, g = [], torch.Generator().manual_seed(0)
     for _ in range(4):
         sirius(tiny, torch.arange(10), 40, sparsity="fine", keep=0.25, period=4, temperature=1.0, generator=g,
@@ -750,10 +765,14 @@ def test_paper_rule_with_sampling_keeps_only_plausible_drafts(tiny):
             assert p.probs[p.accepted] < 0.1
 
 
-# Exact speculative sampling, checked statistically: the joint distribution of the first three tokens under
-# strict Sirius at temperature T must be the full model's own. A random model of three tokens keeps the joint
-# distribution small (27 sequences); its sparse model is another random model, so drafts are often rejected
-# and the residual matters. Period 2 covers every case: a kept draft with its bonus token, and a rejection.
+# Exact speculative sampling, checked statistically: under strict Sirius at temperature T the joint
+# distribution of the first n = 4 tokens must be the full model's own. The first token comes from the prefill;
+# the rest from periods of K = 3, whose accepted count a is 0 (a correction at once), 1 (a kept draft, then a
+# rejection: the residual at the second node) or 2 (a bonus). Period 2 could never show the middle case. The
+# reference is computed here, in float64, from the full script's logits: softmax(z / T) cut to the nucleus,
+# and the product along each sequence; nothing of sirius_min's is used for it. A script of three tokens keeps
+# the joint small (81 sequences); the sparse model is another random script, so drafts are often rejected.
+# Pearson's chi-square at p = 0.001 with a fixed seed: a correct rule fails it for one seed in a thousand.
 
 def chi_square_critical(df, z=3.09):
     """The chi-square quantile at p = 0.001 (z = 3.09), Wilson-Hilferty's approximation."""
@@ -767,44 +786,73 @@ def three_token_script(seed):
     return script
 
 
-def chi_square(temperature, top_p, samples=1200, n=3):
+def sampling_distribution(z, temperature, top_p):
+    """By hand, in float64: softmax(z / T), then the smallest set of likeliest tokens whose mass reaches
+    top_p (ties: the lower id first), renormalised."""
+    e = [math.exp(x / temperature) for x in z.double().tolist()]
+    probs = [x / sum(e) for x in e]
+    order, kept, mass = sorted(range(len(probs)), key=lambda i: -probs[i]), [], 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        kept.append(i)
+        mass += probs[i]
+    return [probs[i] / mass if i in kept else 0.0 for i in range(len(probs))]
+
+
+def chi_square(temperature, top_p, samples=2000, n=4, period=3):
     """Pearson's statistic of `samples` strict Sirius runs against the exact joint distribution of
-    sampling the full model alone, and the critical value it must stay under."""
+    sampling the full model alone, the critical value it must stay under, and the accepted counts seen."""
+    torch.set_num_threads(1)  # thousands of tiny runs: a second thread only waits (conftest restores it)
     full, g = three_token_script(1), torch.Generator().manual_seed(0)
     model = FakeModel(full, three_token_script(2), vocab=3)
-    sampling = Sampling(temperature, top_p)
     exact = {(): 1.0}
     for _ in range(n):
-        exact = {seq + (t,): p * float(q) for seq, p in exact.items()
-                 for t, q in enumerate(sirius_min.token_probs(full((0, 0) + seq), sampling))}
-    counts = {}
+        exact = {seq + (t,): p * q for seq, p in exact.items()
+                 for t, q in enumerate(sampling_distribution(full(tuple(PROMPT.tolist()) + seq), temperature,
+                                                             top_p))}
+    counts, accepted = {}, set()
     for _ in range(samples):
-        seq = tuple(sirius(model, PROMPT, n, sparsity="fine", period=2, strict=True, temperature=temperature,
-                           top_p=top_p, generator=g).tokens)
+        seq = tuple(sirius(model, PROMPT, n, sparsity="fine", period=period, strict=True,
+                           temperature=temperature, top_p=top_p, generator=g,
+                           on_period=lambda p: accepted.add(p.accepted)).tokens)
         counts[seq] = counts.get(seq, 0) + 1
     assert all(exact[s] > 0 for s in counts)                              # nothing impossible was sampled
     cells = [s for s, p in exact.items() if p * samples >= 5]             # rare sequences pooled into one
     observed = [counts.get(s, 0) for s in cells] + [samples - sum(counts.get(s, 0) for s in cells)]
     expected = [exact[s] * samples for s in cells] + [samples * (1 - sum(exact[s] for s in cells))]
-    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 1e-9)
-    return stat, chi_square_critical(len(cells))
+    terms = [(o - e) ** 2 / e for o, e in zip(observed, expected) if e > 1e-9]   # the pool may be empty
+    return sum(terms), chi_square_critical(len(terms) - 1), accepted
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
 def test_strict_sampling_is_exact_speculative_sampling(temperature, top_p):
-    stat, critical = chi_square(temperature, top_p)
+    stat, critical, accepted = chi_square(temperature, top_p)
     print(f"chi-square {stat:.1f}, critical value (p = 0.001) {critical:.1f}")
+    assert accepted == {0, 1, 2}          # a correction at once, after a kept draft, and a bonus all occur
     assert stat < critical
 
 
-def test_the_exactness_check_catches_a_wrong_rule(monkeypatch):
-    """The same check fails for a plausible mistake: after a rejection, sampling the replacement from the
-    full model's p instead of the residual max(0, p - q) over-weights the tokens the sparse model likes."""
-    monkeypatch.setattr(sirius_min, "next_token_distribution",
-                        lambda p, q, accepted: p.index_select(0, accepted.view(1))[0])
-    stat, critical = chi_square(1.0, 1.0)
+RIGHT_NEXT_TOKEN_DISTRIBUTION = sirius_min.next_token_distribution
+
+
+def residual_from_the_first_draft(p, q, accepted):
+    """A planted bug: the residual max(0, p - q) at the rejection's node, but with the first draft's q
+    wherever the rejection is. Right when a = 0 (and a bonus is p itself), so period 2 cannot see it."""
+    return RIGHT_NEXT_TOKEN_DISTRIBUTION(p, q[:1].expand_as(q), accepted)
+
+
+@pytest.mark.parametrize("wrong, factor", [
+    (lambda p, q, accepted: p.index_select(0, accepted.view(1))[0], 3),   # p itself, not the residual
+    (residual_from_the_first_draft, 1)])
+def test_the_exactness_check_catches_a_wrong_rule(monkeypatch, wrong, factor):
+    """The same check fails for plausible mistakes: after a rejection, sampling the replacement from the
+    full model's p instead of the residual over-weights the tokens the sparse model likes; the residual
+    taken with the wrong draft's q is wrong only after a kept draft (0 < a < K - 1)."""
+    monkeypatch.setattr(sirius_min, "next_token_distribution", wrong)
+    stat, critical, _ = chi_square(1.0, 1.0)
     print(f"wrong rule: chi-square {stat:.1f}, critical value (p = 0.001) {critical:.1f}")
-    assert stat > 3 * critical
+    assert stat > factor * critical
 
 
 def test_sirius_in_bfloat16(tmp_path):
