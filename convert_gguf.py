@@ -152,7 +152,8 @@ def _is_converted(folder: Path) -> bool:
 
 
 def _hashes(path: Path, header: bool, whole: bool) -> dict:
-    """SHA-256s of a file: of its safetensors header (the 8-byte length and the JSON it counts), of all of it."""
+    """SHA-256s of a file: of its safetensors header (the 8-byte length and the JSON it counts), and of
+    all of it."""
     got = {}
     with open(path, "rb") as f:
         if header:

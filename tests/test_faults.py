@@ -213,12 +213,14 @@ def test_config_and_weights_of_the_wrong_kind(tiny_dir, tmp_path, capsys):
 
 # Chat templates and what they make of a prompt: a run, or an error naming the template's file.
 TEMPLATE_OUTCOMES = {
-    "renders nothing": ("{% if false %}{{ messages }}{% endif %}", "the chat template renders an empty prompt"),
+    "renders nothing": ("{% if false %}{{ messages }}{% endif %}",
+                        "the chat template renders an empty prompt"),
     "renders only the generation prompt": ("{% if add_generation_prompt %}A:{% endif %}", None),
     "renders blanks": ("{{ ' ' }}", None),
     "raises": ("{{ raise_exception('no system message') }}", "the chat template fails (TemplateError: no "),
     "reads an undefined name": ("{{ messages[5].content }}", "the chat template fails"),
-    "rewrites the text": ("{{ messages[0].content | upper }}", "the chat template rewrites the messages' text"),
+    "rewrites the text": ("{{ messages[0].content | upper }}",
+                          "the chat template rewrites the messages' text"),
     "does not parse": ("{% for m in messages %}", "the chat template fails (TemplateSyntaxError"),
 }
 
