@@ -231,6 +231,72 @@ def test_scripted_generate():
     assert dense.tokens == [1, 2, 3, 4, 5, 6, EOS] and all(dense.from_full) and dense.density == 1.0
 
 
+# --- the threshold rule through sirius(): a script whose acceptances are known -------------------------
+# A Markov script: each model's next token depends on the last token only, so every context is defined. The
+# full model's likeliest token after x is x + 1 (mod 10), with p = 0.6 at the acceptance temperature; the
+# sparse model says the same except after 3, where it says 7 (p = 0.3: plausible, kept though not the
+# argmax), and after 8, where it says 5 (p = 0.05: rejected). Every other token has p <= 0.035.
+
+def markov(special, flat_rows=(), V=12):
+    """Full-model logits by row: p 0.6 on x + 1, special {x: (token, p)}, the rest spread evenly (a row in
+    flat_rows: an even spread with x + 1 barely ahead). Sparse: sure of its token."""
+    def full(context):
+        x = context[-1]
+        if x in flat_rows:
+            row = torch.full((V,), 1 / V)
+            row[(x + 1) % 10] += 0.01
+            return torch.log(row / row.sum()) * ACCEPT_TEMPERATURE
+        row, (tok, p) = torch.zeros(V), special.get(x, ((x + 1) % 10, 0.6))
+        row[(x + 1) % 10], row[tok] = 0.6, p
+        rest = row == 0
+        row[rest] = (1 - row.sum()) / rest.sum()
+        return torch.log(row) * ACCEPT_TEMPERATURE
+    sparse = lambda context: sure(special.get(context[-1], ((context[-1] + 1) % 10,))[0])  # noqa: E731
+    return FakeModel(full, sparse)
+
+
+SPECIAL = {3: (7, 0.3), 8: (5, 0.05)}
+
+
+def test_the_threshold_rule_on_a_script_with_known_acceptances():
+    """Worked by hand (K = 4, prompt ending in 0): the prefill gives 1. Period 1, t0 = 1: drafts 2, 3, 7
+    (p .6, .6, .3) all kept, bonus 8. Period 2, t0 = 8: draft 5 (p .05) rejected, corrected to 9. Period 3,
+    t0 = 9: 0, 1, 2 kept, bonus 3. Period 4, t0 = 3: 7 and 8 kept, then 5 rejected, corrected to 9 (a kept
+    draft, then a rejection). Period 5, t0 = 9: 0, 1, 2 kept, and the budget of 16 is reached. The strict rule
+    rejects the 7 and writes the full model's own text, 1, 2, 3, ..."""
+    res = sirius(markov(SPECIAL), PROMPT, 16, sparsity="fine", period=4)   # no EOS: 9 is text here
+    assert res.tokens == [1, 2, 3, 7, 8, 9, 0, 1, 2, 3, 7, 8, 9, 0, 1, 2]
+    assert res.from_full == [True, False, False, False, True, True, False, False, False, True, False, False,
+                             True, False, False, False]
+    assert res.advances == [4, 1, 4, 3, 4] and res.corrections == 2
+    strict = sirius(markov(SPECIAL), PROMPT, 16, sparsity="fine", period=4, strict=True)
+    assert strict.tokens == [(1 + i) % 10 for i in range(16)] and strict.corrections > 0
+
+
+def test_a_seed_reproduces_a_sampled_run_and_the_correction_is_sampled():
+    """Sampling under the paper's rule, on the script with its full model sure of x + 1 everywhere but
+    after 8: the prefill gives 8 (after 7), the sparse model's draft 5 is rejected (p .05 at 0.6), and the
+    token appended is sampled from the full model at T = 1, softmax(z / 1) with z = 0.6 log p: by hand,
+    9 with probability 0.6^0.6 / (0.6^0.6 + 0.05^0.6 + 10 x 0.035^0.6) = 0.33 (the argmax would give 9 every
+    time). 600 runs from one generator; 3.5 standard errors (a false alarm in about 2000 seeds). A seed gives
+    the same run again, another seed another."""
+    model = markov({x: ((x + 1) % 10, 1.0) for x in range(10) if x != 8} | {8: (5, 0.05)})
+    g = torch.Generator().manual_seed(0)
+    firsts, tokens = set(), []
+    for _ in range(600):
+        res = sirius(model, torch.tensor([0, 7]), 2, sparsity="fine", period=2, temperature=1.0, generator=g)
+        firsts.add(res.tokens[0])
+        tokens.append(res.tokens[1])
+    p9 = 0.6 ** 0.6 / (0.6 ** 0.6 + 0.05 ** 0.6 + 10 * 0.035 ** 0.6)
+    assert firsts == {8} and p9 == pytest.approx(0.33, abs=0.005)
+    assert abs(tokens.count(9) / 600 - p9) < 3.5 * math.sqrt(p9 * (1 - p9) / 600)
+
+    def run_with(seed, **kw):
+        return sirius(model, torch.tensor([0, 7]), 12, sparsity="fine", period=2, temperature=1.0,
+                      generator=torch.Generator().manual_seed(seed), **kw).tokens
+    assert run_with(1) == run_with(1) and len({tuple(run_with(s)) for s in range(8)}) > 1
+
+
 # --- the tree on scripted logits ---------------------------------------------------------------------
 
 def table(rows):
@@ -676,14 +742,23 @@ class StandIn:
 @pytest.mark.parametrize("sparsity", ["fine", "coarse"])
 @pytest.mark.parametrize("width", [1, 3])
 def test_sirius_runs_on_a_model_written_to_the_contract(sparsity, width):
-    """Strict Sirius on the stand-in is its own dense greedy decoding, chain and tree; the paper's rule runs
-    and gains more than one token per period."""
+    """Strict Sirius on the stand-in is its own dense greedy decoding, chain and tree. The paper's rule, checked
+    on a fresh causal pass over its answer: every kept draft has p >= 0.1 at 0.6 where it stands, every token
+    of the full model's is its argmax there, and some draft was kept that the full model would not have
+    written; a chain is the loop written out above, token for token and period for period."""
     model, prompt = StandIn(), torch.tensor([1, 2, 3, 4])
     dense = generate(model, prompt, 40).tokens
     strict = sirius(model, prompt, 40, sparsity=sparsity, keep=0.25, period=4, width=width, strict=True)
     assert strict.tokens == dense and strict.corrections > 0
     lossy = sirius(model, prompt, 40, sparsity=sparsity, keep=0.25, period=4, width=width)
-    assert len(lossy.tokens) == 40 and lossy.aal > 1
+    z = model(torch.cat([prompt, torch.tensor(lossy.tokens)]), 0).double()[len(prompt) - 1:-1]  # before each
+    p = torch.softmax(z / 0.6, -1)[torch.arange(40), lossy.tokens]
+    full = torch.tensor(lossy.from_full)
+    assert (p[~full] >= 0.1).all() and (z[full].argmax(-1) == torch.tensor(lossy.tokens)[full]).all()
+    assert (z[~full].argmax(-1) != torch.tensor(lossy.tokens)[~full]).any()           # lossy: not dense
+    if width == 1:
+        assert (lossy.tokens, lossy.advances) == plain_loop(model, prompt, 40, sparsity=sparsity, keep=0.25,
+                                                            period=4)
 
 
 # --- host synchronisations: one per period, one per token --------------------------------------------
@@ -740,15 +815,6 @@ def test_top_p_never_leaves_the_nucleus():
     assert float((draws == 1).float().mean()) == pytest.approx(0.625, abs=0.015)
     assert set(sirius_min.choose_token(z.expand(2000, -1), Sampling(1.0, 1.0, sampling.generator))
                .tolist()) == {0, 1, 2, 3, 4}                                          # top-p off: all of them
-
-
-def test_a_seed_reproduces_a_sampled_run(tiny):
-    def run_with(seed, **kw):
-        g = torch.Generator().manual_seed(seed)
-        return sirius(tiny, torch.arange(10), 30, sparsity="fine", period=4, temperature=0.9, generator=g,
-                      **kw).tokens
-    assert run_with(1) == run_with(1) and run_with(1) != run_with(2)
-    assert run_with(1, strict=True) == run_with(1, strict=True) != run_with(2, strict=True)
 
 
 def test_paper_rule_with_sampling_keeps_only_plausible_drafts(tiny):
