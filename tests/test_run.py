@@ -198,6 +198,26 @@ def test_trace_printout(tiny_dir, capsys):
     assert all(float(p) < 0.1 for p in why)
 
 
+def test_trace_of_a_rejected_draft_the_full_model_writes_again(capsys):
+    """The paper's rule on a flat row: after 2 the full model spreads its probability evenly, its own argmax
+    3 barely ahead (p 0.092 < 0.1). In the first period the sparse draft 3 after 2 is rejected and the full
+    model appends 3, the same token: counted as a correction, as the paper counts it, but the trace says
+    what happened."""
+    from types import SimpleNamespace
+    from test_sirius import PROMPT, markov
+
+    periods = []
+    res = sirius_min.sirius(markov({}, flat_rows=(2,)), PROMPT, 8, sparsity="fine", period=4,
+                            on_period=periods.append)
+    assert res.tokens == [1, 2, 3, 4, 5, 6, 7, 8] and res.from_full[2] and res.corrections == 1
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(map(str, ids)))
+    run.print_trace(tok, periods, SimpleNamespace(threshold=0.1, temperature=0.0), eos=[])
+    trace = capsys.readouterr().out
+    assert "period 1, position 2: kept 1/3, then '3' (rejected; the full model's token is the draft " \
+           "itself)" in trace and "period 2, position 4: kept 3/3, then '7' (bonus)" in trace
+    assert re.search(r"^  draft '3': p 0\.09\d+ < 0\.1$", trace, re.M) and "(correction)" not in trace
+
+
 def test_sampled_trace_shows_p_and_q(tiny_dir, capsys):
     """--strict at T > 0 is speculative sampling: under each draft its p and q, and a rejected draft's
     chance of rejection 1 - p/q (rejection needs p < q)."""
