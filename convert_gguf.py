@@ -119,9 +119,9 @@ def _not_converted(folder: Path) -> str | None:
         stamp = json.loads((folder / STAMP).read_text())
     except FileNotFoundError:
         try:
-            if not folder.exists() or _is_empty_dir(folder):
+            if not any(folder.iterdir()):
                 return "absent"
-        except FileNotFoundError:  # another run is swapping its conversion in: ours will find theirs there
+        except FileNotFoundError:  # no folder, or another first run is swapping its conversion in right now
             return "absent"
         # A folder another first run renamed into place after we looked for its stamp is not an old one.
         return _not_converted(folder) if (folder / STAMP).exists() else \

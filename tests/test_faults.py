@@ -486,3 +486,40 @@ def test_the_embedded_cache_cut_short_is_converted_again_but_a_users_folder_is_r
     assert err.decode() == (f"sirius-min: converting the embedded GGUF again (the cached one is damaged: "
                             f"model.safetensors is {half} bytes, not {full}) into {model_dir} ...\n")
     assert convert_gguf._is_converted(model_dir) and [p.name for p in tmp_path.iterdir()] == [model_dir.name]
+
+
+def test_a_first_run_that_sees_the_cache_appear_mid_check(tmp_path, fake_gguf, monkeypatch, capsys):
+    """Races with another first run, made to happen right after we find no stamp in an older cache (one
+    without a stamp): (1) the other run swaps in its complete conversion: we take it, not "an older
+    sirius-min" to convert again; (2) it has set the older folder aside: we convert into the empty place."""
+    monkeypatch.setattr(convert_gguf, "find_default_gguf", lambda: Path("unused.gguf"))
+    cache = tmp_path / "cache"
+    done = convert_gguf.default_model_dir(tmp_path / "other")      # the other run's complete conversion
+    model_dir = cache / done.name
+    real_read, real_convert = Path.read_text, convert_gguf.convert
+
+    def meanwhile(then):
+        def read_text(path, *a, **k):
+            if path == model_dir / convert_gguf.STAMP and not path.exists():
+                monkeypatch.setattr(Path, "read_text", real_read)
+                then()
+                raise FileNotFoundError(path)                       # what our look found, before `then`
+            return real_read(path, *a, **k)
+        monkeypatch.setattr(Path, "read_text", read_text)
+
+    def older_cache():
+        shutil.rmtree(model_dir, ignore_errors=True)
+        model_dir.mkdir(parents=True)
+        (model_dir / "config.json").write_text("{}")
+
+    older_cache()
+    meanwhile(lambda: (shutil.rmtree(model_dir), os.replace(done, model_dir)))
+    monkeypatch.setattr(convert_gguf, "convert", lambda *a, **k: pytest.fail("converted again"))
+    capsys.readouterr()
+    assert convert_gguf.default_model_dir(cache) == model_dir and capsys.readouterr().err == ""
+
+    monkeypatch.setattr(convert_gguf, "convert", real_convert)
+    older_cache()
+    meanwhile(lambda: shutil.rmtree(model_dir))
+    assert convert_gguf.default_model_dir(cache) == model_dir and convert_gguf._is_converted(model_dir)
+    assert "converting the embedded GGUF once" in capsys.readouterr().err
