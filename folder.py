@@ -59,6 +59,9 @@ def open_model_folder(args) -> Folder:
             args.model = default_model_dir()
         except (OSError, ValueError) as e:
             raise CheckpointError(str(e)) from None
+    config = Path(args.model) / "config.json"
+    if present(config) and not config.is_file():  # read_config would say "no config.json": say what it is
+        read_text(config)
     cfg = read_config(args.model)
     tok = load_tokenizer(args.model, cfg.vocab_size)
     return Folder(cfg, tok, read_prompting(args.model, tok), read_stop_ids(args.model, cfg))
