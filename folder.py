@@ -61,6 +61,9 @@ def open_model_folder(args) -> Folder:
             args.model = default_model_dir()
         except (OSError, ValueError) as e:
             raise CheckpointError(str(e)) from None
+    config = Path(args.model) / "config.json"
+    if present(config) and not config.is_file():  # read_config would say "no config.json": say what it is
+        read_text(config)
     cfg = read_config(args.model)
     tok = load_tokenizer(args.model, cfg.vocab_size)
     return Folder(cfg, tok, read_prompting(args.model, tok), read_stop_ids(args.model, cfg))
@@ -325,6 +328,8 @@ def encode(args, folder: Folder, text: str, examples=()) -> torch.Tensor:
         raise UsageError("the prompt is not valid UTF-8") from None
     if args.chat and folder.prompting.template:
         ids = chat_ids(folder.tok, folder.prompting, few_shot(text, examples))
+        if not ids:  # the template's output: a folder's fault, like any other way its template fails
+            raise CheckpointError(f"{folder.prompting.source}: the chat template renders an empty prompt")
     else:
         ids = plain_ids(folder.tok, folder.prompting, text, examples)
     if len(ids) + args.max_new_tokens > folder.cfg.max_position_embeddings:

@@ -264,7 +264,8 @@ def print_trace(tok, periods, args, eos, width=104):
     print("\nSirius, period by period (| marks the end of the kept drafts)\n"
           + RULE[periods[0].rule].format(**vars(args)))
     for n, p in enumerate(periods, 1):
-        kind = "bonus" if p.accepted == len(p.window) - 1 else "correction"
+        kind = "bonus" if p.accepted == len(p.window) - 1 else "correction" if p.appended != p.window[
+            p.accepted + 1] else "rejected; the full model's token is the draft itself"  # a flat p, see README
         beams = f"; beam {p.chosen + 1}/{len(p.beams)}, kept per beam {p.beams}" if len(p.beams) > 1 else ""
         show = lambda t: printable(repr(tok.decode([t], skip_special_tokens=False)))  # noqa: E731
         stop = next((t for t in p.window[1:p.accepted + 1] if t in eos), None)
@@ -284,7 +285,7 @@ def print_trace(tok, periods, args, eos, width=104):
             w = [max(map(len, c)) for c in line]
             for row in range(len(cells[0])):
                 print("  " + "  ".join(c[row].ljust(x) for c, x in zip(line, w)).rstrip())
-        if kind == "correction" and stop is None:
+        if kind != "bonus" and stop is None:
             print(f"  draft {show(p.window[p.accepted + 1])}: {rejected(p, args.threshold)}")
 
 

@@ -337,7 +337,10 @@ def test_next_run_removes_only_dead_processes_temp_folders(tmp_path, fake_gguf):
 def test_finding_the_converted_model_also_removes_dead_temp_folders(tmp_path):
     done = tmp_path / convert_gguf.DEFAULT_MODEL_NAME
     done.mkdir()
-    (done / convert_gguf.STAMP).write_text(json.dumps({"version": convert_gguf.CONVERSION_VERSION}))
+    (done / "config.json").write_text("{}")
+    stamp = {"version": convert_gguf.CONVERSION_VERSION,
+             "files": {"config.json": convert_gguf._stamp_entry(done / "config.json")}}
+    (done / convert_gguf.STAMP).write_text(json.dumps(stamp))
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     stale = tmp_path / f".{done.name}.tmp-{socket.gethostname()}-{finished.pid}-x"

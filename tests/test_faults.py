@@ -32,6 +32,7 @@ import convert_gguf
 import folder
 import run
 from conftest import TINY_CONFIG, write_checkpoint
+from test_convert import fake_gguf  # noqa: F401 (a fixture: convert() writing a tiny folder, no GGUF read)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = ROOT / "tests" / "checkpoints"
@@ -214,7 +215,7 @@ def test_config_and_weights_of_the_wrong_kind(tiny_dir, tmp_path, capsys):
     shutil.copytree(tiny_dir, model)
     for kind in wrong_kinds(model / "config.json"):
         err = error_of(["--model", str(model), "--prompt", "hi"], capsys)
-        assert "config.json" in err, (kind, err)
+        assert "config.json" in err and EXPECTED.get(kind, "") in err, (kind, err)  # not "no config.json"
     shutil.copy(tiny_dir / "config.json", model)
     for kind in wrong_kinds(model / "model.safetensors"):
         err = error_of(["--model", str(model), "--prompt", "hi", "--max-new-tokens", "1"], capsys)
@@ -222,6 +223,35 @@ def test_config_and_weights_of_the_wrong_kind(tiny_dir, tmp_path, capsys):
     for kind in wrong_kinds(tmp_path / "not-a-folder"):
         err = error_of(["--model", str(tmp_path / "not-a-folder")], capsys)
         assert ("no config.json" if kind == "folder" else "model folder not found") in err, (kind, err)
+
+
+# Chat templates and what they make of a prompt: a run, or an error naming the template's file.
+TEMPLATE_OUTCOMES = {
+    "renders nothing": ("{% if false %}{{ messages }}{% endif %}",
+                        "the chat template renders an empty prompt"),
+    "renders only the generation prompt": ("{% if add_generation_prompt %}A:{% endif %}", None),
+    "renders blanks": ("{{ ' ' }}", None),
+    "raises": ("{{ raise_exception('no system message') }}", "the chat template fails (TemplateError: no "),
+    "reads an undefined name": ("{{ messages[5].content }}", "the chat template fails"),
+    "rewrites the text": ("{{ messages[0].content | upper }}",
+                          "the chat template rewrites the messages' text"),
+    "does not parse": ("{% for m in messages %}", "the chat template fails (TemplateSyntaxError"),
+}
+
+
+@pytest.mark.parametrize("outcome", TEMPLATE_OUTCOMES)
+def test_every_outcome_of_a_chat_template_is_a_run_or_one_error_line(tiny_dir, tmp_path, outcome, capsys):
+    template, says = TEMPLATE_OUTCOMES[outcome]
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dir, model)
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    argv = ["--model", str(model), "--prompt", "hi", "--sparsity", "dense", "--max-new-tokens", "1"]
+    if says is None:
+        run.main(argv)
+        assert "--- dense ---" in capsys.readouterr().out
+    else:
+        err = error_of(argv, capsys)
+        assert err.startswith(f"error: {model / 'tokenizer_config.json'}: ") and says in err, err
 
 
 def test_a_checkpoint_that_is_not_float_is_refused(tiny_dir, tmp_path, capsys):
@@ -405,3 +435,105 @@ def test_first_runs_at_once_after_a_killed_conversion(tmp_path):
         assert proc.returncode == 0 and says in out, err
         assert err.decode() in ("", f"sirius-min: converting the embedded GGUF once into {model_dir} ...\n")
     assert [p.name for p in cache.iterdir()] == [model_dir.name] and convert_gguf._is_converted(model_dir)
+
+
+# --- the project's own cache, damaged by accident --------------------------------------------------
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def garble_header(path):
+    """One byte of the safetensors header's JSON changed: the file keeps its size."""
+    with open(path, "r+b") as f:
+        f.seek(9)  # just past the 8-byte length and the header's opening brace
+        byte = f.read(1)
+        f.seek(9)
+        f.write(b"#" if byte != b"#" else b"$")
+
+
+DAMAGES = {"model.safetensors cut short": ("model.safetensors", truncate),
+           "its header garbled": ("model.safetensors", garble_header),
+           "tokenizer.json removed": ("tokenizer.json", Path.unlink),
+           "tokenizer.json changed, same size": ("tokenizer.json", lambda p: p.write_bytes(
+               p.read_bytes().replace(b"{", b"[", 1)))}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_cache_is_converted_again(tmp_path, fake_gguf, monkeypatch, capsys, damage):
+    """The cache folder is the project's: damaged, it is found so at the next start (the sizes and hashes
+    in its stamp) and converted again, saying so in one line. The fake GGUF's weights are made "large" (the
+    header hash only), as the embedded model's are."""
+    monkeypatch.setattr(convert_gguf, "find_default_gguf", lambda: Path("unused.gguf"))
+    monkeypatch.setattr(convert_gguf, "HASHED_AT_START", 16)
+    folder_ = convert_gguf.default_model_dir(tmp_path)
+    assert "header_sha256" in json.loads((folder_ / convert_gguf.STAMP).read_text())["files"][
+        "model.safetensors"]
+    capsys.readouterr()
+    name, damage_it = DAMAGES[damage]
+    damage_it(folder_ / name)
+    assert convert_gguf.default_model_dir(tmp_path) == folder_
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "sirius-min: converting the embedded GGUF again (the cached one is damaged: " + name), err
+    assert convert_gguf._is_converted(folder_) and [p.name for p in tmp_path.iterdir()] == [folder_.name]
+    assert convert_gguf.default_model_dir(tmp_path) == folder_ and capsys.readouterr().err == ""
+
+
+def test_the_embedded_cache_cut_short_is_converted_again_but_a_users_folder_is_refused(smollm_dir, tmp_path,
+                                                                                       capsys):
+    """A copy of the converted cache with model.safetensors cut short. Given as --model it is the user's
+    folder: refused in one `error:` line and left as it is. As the cache, run.py (from the shell) converts it
+    again, saying so in one line, and answers."""
+    model_dir = tmp_path / smollm_dir.name
+    shutil.copytree(smollm_dir, model_dir)  # a copy: never a link to the shared cache's files
+    truncate(model_dir / "model.safetensors")
+    half = (model_dir / "model.safetensors").stat().st_size
+    argv = ["--prompt", "Hi", "--sparsity", "dense", "--max-new-tokens", "2"]
+    assert "model.safetensors" in error_of(argv + ["--model", str(model_dir)], capsys)
+    assert (model_dir / "model.safetensors").stat().st_size == half
+    proc = start(argv, env={**os.environ, "SIRIUS_MIN_CACHE": str(tmp_path)})
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and b"--- dense ---" in out, err
+    full = (smollm_dir / "model.safetensors").stat().st_size
+    assert err.decode() == (f"sirius-min: converting the embedded GGUF again (the cached one is damaged: "
+                            f"model.safetensors is {half} bytes, not {full}) into {model_dir} ...\n")
+    assert convert_gguf._is_converted(model_dir) and [p.name for p in tmp_path.iterdir()] == [model_dir.name]
+
+
+def test_a_first_run_that_sees_the_cache_appear_mid_check(tmp_path, fake_gguf, monkeypatch, capsys):
+    """Races with another first run, made to happen right after we find no stamp in an older cache (one
+    without a stamp): (1) the other run swaps in its complete conversion: we take it, not "an older
+    sirius-min" to convert again; (2) it has set the older folder aside: we convert into the empty place."""
+    monkeypatch.setattr(convert_gguf, "find_default_gguf", lambda: Path("unused.gguf"))
+    cache = tmp_path / "cache"
+    done = convert_gguf.default_model_dir(tmp_path / "other")      # the other run's complete conversion
+    model_dir = cache / done.name
+    real_read, real_convert = Path.read_text, convert_gguf.convert
+
+    def meanwhile(then):
+        def read_text(path, *a, **k):
+            if path == model_dir / convert_gguf.STAMP and not path.exists():
+                monkeypatch.setattr(Path, "read_text", real_read)
+                then()
+                raise FileNotFoundError(path)                       # what our look found, before `then`
+            return real_read(path, *a, **k)
+        monkeypatch.setattr(Path, "read_text", read_text)
+
+    def older_cache():
+        shutil.rmtree(model_dir, ignore_errors=True)
+        model_dir.mkdir(parents=True)
+        (model_dir / "config.json").write_text("{}")
+
+    older_cache()
+    meanwhile(lambda: (shutil.rmtree(model_dir), os.replace(done, model_dir)))
+    monkeypatch.setattr(convert_gguf, "convert", lambda *a, **k: pytest.fail("converted again"))
+    capsys.readouterr()
+    assert convert_gguf.default_model_dir(cache) == model_dir and capsys.readouterr().err == ""
+
+    monkeypatch.setattr(convert_gguf, "convert", real_convert)
+    older_cache()
+    meanwhile(lambda: shutil.rmtree(model_dir))
+    assert convert_gguf.default_model_dir(cache) == model_dir and convert_gguf._is_converted(model_dir)
+    assert "converting the embedded GGUF once" in capsys.readouterr().err

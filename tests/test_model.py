@@ -48,13 +48,49 @@ def test_tiny_cache_matches_full_forward(tmp_path, variant):
     assert rel_err(incremental_logits(model, tokens), full) <= 1e-5
 
 
-def test_llama3_rope_scaling_is_applied(tmp_path):
-    """The RoPE scaling is not silently ignored: same weights, different logits."""
+def llama3_inv_freq(theta, head_dim, factor, low_freq_factor, high_freq_factor,
+                    original_max_position_embeddings):
+    """Llama 3.1's RoPE frequencies as its reference code defines them (`apply_scaling`), one float at a
+    time: wavelengths shorter than old / high_freq_factor are kept, those longer than old / low_freq_factor
+    slowed by `factor`, and in between a smooth mix of the two."""
+    old, out = original_max_position_embeddings, []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / theta ** (i / head_dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high_freq_factor:
+            out.append(freq)
+        elif wavelen > old / low_freq_factor:
+            out.append(freq / factor)
+        else:
+            smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return out
+
+
+def rope_error(model, inv_freq):
+    """How far the model's cos/sin tables (position p, dimension j: angle p * inv_freq[j mod hd/2], the two
+    halves of a head paired) are from these frequencies."""
+    angles = torch.tensor([[p * f for f in inv_freq * 2] for p in range(model.cos.shape[0])],
+                          dtype=torch.double)
+    return max(float((model.cos.double() - angles.cos()).abs().max()),
+               float((model.sin.double() - angles.sin()).abs().max()))
+
+
+def test_llama3_rope_scaling_is_right(tmp_path):
+    """The model's RoPE tables are Llama 3.1's frequencies, computed above from the published definition.
+    With an original context of 64 the tiny head's four frequencies (wavelengths 6.3, 63, 628, 6283) fall
+    in all three cases. The same check fails for the model with the scaling ignored (a planted bug)."""
+    rope = {**LLAMA3_ROPE, "original_max_position_embeddings": 64}
     write_checkpoint(tmp_path / "a", TINY_CONFIG, seed=1)
-    write_checkpoint(tmp_path / "b", {**TINY_CONFIG, "rope_scaling": LLAMA3_ROPE}, seed=1)
-    tokens = torch.arange(30)
-    a, b = load_model(tmp_path / "a", 64)(tokens, 0), load_model(tmp_path / "b", 64)(tokens, 0)
-    assert rel_err(b, a) > 1e-3
+    write_checkpoint(tmp_path / "b", {**TINY_CONFIG, "rope_scaling": rope}, seed=1)
+    hd = TINY_CONFIG["hidden_size"] // TINY_CONFIG["num_attention_heads"]
+    inv_freq = llama3_inv_freq(TINY_CONFIG["rope_theta"], hd, *(rope[k] for k in (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")))
+    wavelen = [2 * math.pi * TINY_CONFIG["rope_theta"] ** (i / hd) for i in range(0, hd, 2)]
+    assert any(w < 64 / 4 for w in wavelen) and any(16 < w < 64 for w in wavelen)
+    assert any(w > 64 for w in wavelen)
+    assert rope_error(load_model(tmp_path / "b", 64), inv_freq) < 1e-6
+    assert rope_error(load_model(tmp_path / "a", 64), inv_freq) > 0.1       # the scaling ignored: caught
 
 
 def test_tiny_rollback_equals_fresh_prefill(tiny):
@@ -70,19 +106,44 @@ def test_tiny_rollback_equals_fresh_prefill(tiny):
     assert rel_err(stale, fresh) > 1e-2
 
 
+# A tree of 7 nodes after a 6-token prefix: node -> parent (the root, node 0, has none).
+TREE_PARENTS = [None, 0, 0, 1, 2, 2, 3]
+
+
+def tree_vs_chains(model, positions_of=None, sees=None):
+    """The largest error, over the nodes, between a tree pass (each node in its own slot after the prefix,
+    at RoPE position prefix + its depth, seeing the prefix and its ancestors) and a plain causal pass, in a
+    fresh twin, over the prefix and that node's root-to-node path: the same tokens at the same positions.
+    `positions_of` and `sees` replace the tree's positions or visibility (planted bugs)."""
+    prefix, tokens = random_tokens(6, seed=4), random_tokens(len(TREE_PARENTS), seed=5)
+    paths = []
+    for parent in TREE_PARENTS:
+        paths.append((paths[parent] if parent is not None else []) + [len(paths)])
+    P, N = len(prefix), len(TREE_PARENTS)
+    ancestors = torch.zeros(N, N, dtype=torch.bool)
+    for i, path in enumerate(paths):
+        ancestors[i, path] = True
+    positions = P + torch.tensor([len(path) - 1 for path in paths])
+    model(prefix, 0)
+    tree = model(tokens, P, positions=positions if positions_of is None else positions_of(positions),
+                 mask=torch.cat([torch.ones(N, P, dtype=torch.bool), ancestors if sees is None else sees],
+                                -1))
+    fresh = twin(model)
+    return max(rel_err(tree[i], fresh(torch.cat([prefix, tokens[path]]), 0)[-1])
+               for i, path in enumerate(paths))
+
+
 def test_explicit_positions_and_mask(tiny):
-    """`positions` and `mask` (a tree pass's inputs) set to the defaults give the default pass; hiding a slot
-    or shifting one token's position changes that token's logits and nothing before it."""
+    """`positions` and `mask` set to the defaults give the default pass; a tree's positions and mask give
+    each node the logits of a chain over its own path (positions and mask left to their defaults there).
+    The check fails for a tree pass at slot positions, or one whose nodes see their siblings (planted)."""
     tokens, T = random_tokens(10, seed=2), 10
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    default = tiny(tokens, 0)
-    assert rel_err(tiny(tokens, 0, positions=torch.arange(T), mask=causal), default) <= 1e-6
-    hidden = causal.clone()
-    hidden[9, 4] = False
-    out = tiny(tokens, 0, positions=torch.arange(T), mask=hidden)
-    assert rel_err(out[:9], default[:9]) <= 1e-6 and rel_err(out[9:], default[9:]) > 1e-3
-    moved = tiny(tokens, 0, positions=torch.tensor([*range(9), 12]), mask=causal)
-    assert rel_err(moved[:9], default[:9]) <= 1e-6 and rel_err(moved[9:], default[9:]) > 1e-3
+    assert rel_err(tiny(tokens, 0, positions=torch.arange(T), mask=causal), tiny(tokens, 0)) <= 1e-6
+    assert tree_vs_chains(tiny) <= 1e-5
+    N = len(TREE_PARENTS)
+    assert tree_vs_chains(tiny, positions_of=lambda depth_positions: 6 + torch.arange(N)) > 1e-3
+    assert tree_vs_chains(tiny, sees=torch.ones(N, N, dtype=torch.bool).tril()) > 1e-3
 
 
 @pytest.mark.parametrize("start", [10, torch.tensor(10)], ids=["int", "tensor"])

@@ -103,6 +103,63 @@ def test_trace_matches_the_run(tiny, prompt, strict, width):
         assert res.tokens == sirius_min.generate(tiny, prompt, 48).tokens
 
 
+def trace_errors(tiny, prompt, rule):
+    """The largest difference between a trace's probabilities and the same recomputed here, without
+    sirius_min: the full model's causal pass (a twin's fresh cache) over the verified text and the period's
+    chosen path, its logits at each draft's parent (the path's previous node) in float64, softmax at 0.6
+    (`probs`) and, sampling, at T (`target_probs`); q (`draft_probs`) from the sparse model stepping the path
+    one token at a time after a dense prefill of the verified text, the fine MLP written out."""
+    from conftest import twin
+    from test_sirius import fine_mlp_by_hand
+
+    T = 0.8 if rule == "speculative" else 0.0
+    periods, width = [], 2 if rule == "tree" else 1
+    sirius_min.sirius(tiny, prompt, 30, sparsity="fine", keep=0.5, period=5, width=width,
+                      strict=rule == "speculative", temperature=T, generator=torch.Generator().manual_seed(0),
+                      on_period=periods.append)
+    ref, verified, errors = twin(tiny), prompt.tolist(), []
+    k = max(1, round(0.5 * TINY_CONFIG["intermediate_size"]))
+    for p in periods:
+        assert p.pos == len(verified) and len(p.probs) == len(p.window) - 1
+        drafts = torch.tensor(p.window[1:])
+        parents = ref(torch.tensor(verified + p.window), 0).double()[p.pos:-1]     # rows of d_1's parent, ..
+        at = lambda probs: probs[torch.arange(len(drafts)), drafts]  # noqa: E731
+        errors.append((at(torch.softmax(parents / 0.6, -1)) - torch.tensor(p.probs).double()).abs().max())
+        if rule == "speculative":
+            errors.append((at(torch.softmax(parents / T, -1)) - torch.tensor(p.target_probs)).abs().max())
+            ref(torch.tensor(verified), 0)                                           # the verified prefix
+            q = [torch.softmax(ref(torch.tensor([t]), p.pos + i, mlp=lambda j, x: fine_mlp_by_hand(
+                x, tiny.layers[j], k))[0].double() / T, -1)[d] for i, (t, d) in enumerate(zip(p.window,
+                                                                                        drafts.tolist()))]
+            errors.append((torch.stack(q) - torch.tensor(p.draft_probs)).abs().max())
+        verified += p.window[:p.accepted + 1]          # t0 and the kept drafts; the appended token is next t0
+    assert len(periods) >= 5  # (every draft of a path is recorded and checked, kept or not)
+    return float(max(errors))
+
+
+@pytest.mark.parametrize("rule", ["threshold", "tree", "speculative"])
+def test_trace_probabilities_are_the_full_models(tiny, prompt, rule):
+    assert trace_errors(tiny, prompt, rule) < 1e-4
+
+
+@pytest.mark.parametrize("plant, rule", [("temperature 1", "threshold"), ("own row", "threshold"),
+                                         ("sampled p at T = 1", "speculative")])
+def test_the_trace_check_catches_a_wrong_probability(tiny, prompt, monkeypatch, plant, rule):
+    """Planted bugs the old check (the trace against the rule's own acceptance_probs) let through: p read at
+    temperature 1, or from the draft's own row instead of its parent's; sampling's p and q at T = 1."""
+    if plant == "temperature 1":
+        monkeypatch.setattr(sirius_min, "ACCEPT_TEMPERATURE", 1.0)
+    elif plant == "own row":
+        real = sirius_min.acceptance_probs
+        monkeypatch.setattr(sirius_min, "acceptance_probs",
+                            lambda logits, parent, tokens: real(logits, torch.arange(len(tokens)), tokens))
+    else:
+        real = sirius_min.token_probs
+        monkeypatch.setattr(sirius_min, "token_probs", lambda logits, sampling: real(
+            logits, sirius_min.Sampling(1.0, sampling.top_p, sampling.generator)))
+    assert trace_errors(tiny, prompt, rule) > 0.01
+
+
 def test_no_trace_no_extra_work(tiny, prompt, monkeypatch):
     """Without a trace, strict mode computes no softmax at all and the default rule one per verification;
     asking for the trace changes the work, never the tokens."""
@@ -139,6 +196,26 @@ def test_trace_printout(tiny_dir, capsys):
     why = re.findall(r"^  draft .*: p (\S+) < 0\.1$", trace, re.M)
     assert len(why) == sum(kind == "correction" for *_, kind in blocks) > 0
     assert all(float(p) < 0.1 for p in why)
+
+
+def test_trace_of_a_rejected_draft_the_full_model_writes_again(capsys):
+    """The paper's rule on a flat row: after 2 the full model spreads its probability evenly, its own argmax
+    3 barely ahead (p 0.092 < 0.1). In the first period the sparse draft 3 after 2 is rejected and the full
+    model appends 3, the same token: counted as a correction, as the paper counts it, but the trace says
+    what happened."""
+    from types import SimpleNamespace
+    from test_sirius import PROMPT, markov
+
+    periods = []
+    res = sirius_min.sirius(markov({}, flat_rows=(2,)), PROMPT, 8, sparsity="fine", period=4,
+                            on_period=periods.append)
+    assert res.tokens == [1, 2, 3, 4, 5, 6, 7, 8] and res.from_full[2] and res.corrections == 1
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(map(str, ids)))
+    run.print_trace(tok, periods, SimpleNamespace(threshold=0.1, temperature=0.0), eos=[])
+    trace = capsys.readouterr().out
+    assert "period 1, position 2: kept 1/3, then '3' (rejected; the full model's token is the draft " \
+           "itself)" in trace and "period 2, position 4: kept 3/3, then '7' (bonus)" in trace
+    assert re.search(r"^  draft '3': p 0\.09\d+ < 0\.1$", trace, re.M) and "(correction)" not in trace
 
 
 def test_sampled_trace_shows_p_and_q(tiny_dir, capsys):

@@ -231,6 +231,72 @@ def test_scripted_generate():
     assert dense.tokens == [1, 2, 3, 4, 5, 6, EOS] and all(dense.from_full) and dense.density == 1.0
 
 
+# --- the threshold rule through sirius(): a script whose acceptances are known -------------------------
+# A Markov script: each model's next token depends on the last token only, so every context is defined. The
+# full model's likeliest token after x is x + 1 (mod 10), with p = 0.6 at the acceptance temperature; the
+# sparse model says the same except after 3, where it says 7 (p = 0.3: plausible, kept though not the
+# argmax), and after 8, where it says 5 (p = 0.05: rejected). Every other token has p <= 0.035.
+
+def markov(special, flat_rows=(), V=12):
+    """Full-model logits by row: p 0.6 on x + 1, special {x: (token, p)}, the rest spread evenly (a row in
+    flat_rows: an even spread with x + 1 barely ahead). Sparse: sure of its token."""
+    def full(context):
+        x = context[-1]
+        if x in flat_rows:
+            row = torch.full((V,), 1 / V)
+            row[(x + 1) % 10] += 0.01
+            return torch.log(row / row.sum()) * ACCEPT_TEMPERATURE
+        row, (tok, p) = torch.zeros(V), special.get(x, ((x + 1) % 10, 0.6))
+        row[(x + 1) % 10], row[tok] = 0.6, p
+        rest = row == 0
+        row[rest] = (1 - row.sum()) / rest.sum()
+        return torch.log(row) * ACCEPT_TEMPERATURE
+    sparse = lambda context: sure(special.get(context[-1], ((context[-1] + 1) % 10,))[0])  # noqa: E731
+    return FakeModel(full, sparse)
+
+
+SPECIAL = {3: (7, 0.3), 8: (5, 0.05)}
+
+
+def test_the_threshold_rule_on_a_script_with_known_acceptances():
+    """Worked by hand (K = 4, prompt ending in 0): the prefill gives 1. Period 1, t0 = 1: drafts 2, 3, 7
+    (p .6, .6, .3) all kept, bonus 8. Period 2, t0 = 8: draft 5 (p .05) rejected, corrected to 9. Period 3,
+    t0 = 9: 0, 1, 2 kept, bonus 3. Period 4, t0 = 3: 7 and 8 kept, then 5 rejected, corrected to 9 (a kept
+    draft, then a rejection). Period 5, t0 = 9: 0, 1, 2 kept, and the budget of 16 is reached. The strict rule
+    rejects the 7 and writes the full model's own text, 1, 2, 3, ..."""
+    res = sirius(markov(SPECIAL), PROMPT, 16, sparsity="fine", period=4)   # no EOS: 9 is text here
+    assert res.tokens == [1, 2, 3, 7, 8, 9, 0, 1, 2, 3, 7, 8, 9, 0, 1, 2]
+    assert res.from_full == [True, False, False, False, True, True, False, False, False, True, False, False,
+                             True, False, False, False]
+    assert res.advances == [4, 1, 4, 3, 4] and res.corrections == 2
+    strict = sirius(markov(SPECIAL), PROMPT, 16, sparsity="fine", period=4, strict=True)
+    assert strict.tokens == [(1 + i) % 10 for i in range(16)] and strict.corrections > 0
+
+
+def test_a_seed_reproduces_a_sampled_run_and_the_correction_is_sampled():
+    """Sampling under the paper's rule, on the script with its full model sure of x + 1 everywhere but
+    after 8: the prefill gives 8 (after 7), the sparse model's draft 5 is rejected (p .05 at 0.6), and the
+    token appended is sampled from the full model at T = 1, softmax(z / 1) with z = 0.6 log p: by hand,
+    9 with probability 0.6^0.6 / (0.6^0.6 + 0.05^0.6 + 10 x 0.035^0.6) = 0.33 (the argmax would give 9 every
+    time). 600 runs from one generator; 3.5 standard errors (a false alarm in about 2000 seeds). A seed gives
+    the same run again, another seed another."""
+    model = markov({x: ((x + 1) % 10, 1.0) for x in range(10) if x != 8} | {8: (5, 0.05)})
+    g = torch.Generator().manual_seed(0)
+    firsts, tokens = set(), []
+    for _ in range(600):
+        res = sirius(model, torch.tensor([0, 7]), 2, sparsity="fine", period=2, temperature=1.0, generator=g)
+        firsts.add(res.tokens[0])
+        tokens.append(res.tokens[1])
+    p9 = 0.6 ** 0.6 / (0.6 ** 0.6 + 0.05 ** 0.6 + 10 * 0.035 ** 0.6)
+    assert firsts == {8} and p9 == pytest.approx(0.33, abs=0.005)
+    assert abs(tokens.count(9) / 600 - p9) < 3.5 * math.sqrt(p9 * (1 - p9) / 600)
+
+    def run_with(seed, **kw):
+        return sirius(model, torch.tensor([0, 7]), 12, sparsity="fine", period=2, temperature=1.0,
+                      generator=torch.Generator().manual_seed(seed), **kw).tokens
+    assert run_with(1) == run_with(1) and len({tuple(run_with(s)) for s in range(8)}) > 1
+
+
 # --- the tree on scripted logits ---------------------------------------------------------------------
 
 def table(rows):
@@ -495,21 +561,37 @@ def fine_answers(smollm, prompts):
     return [sirius(smollm[0], p, 48, sparsity="fine", keep=0.5, period=8) for p in prompts[:3]]
 
 
+def fine_mlp_by_hand(x, layer, k):
+    """The fine-sparse MLP as the paper defines it, written out: each row (token) keeps its own k neurons
+    with the largest |SiLU(gate)|, the others' activations are zero. (One decode step is one row.)"""
+    gate, up = (x @ layer.w_gate_up).chunk(2, dim=-1)                  # W_gate^T | W_up^T side by side
+    act = F.silu(gate)
+    kept = torch.zeros_like(act).scatter_(-1, act.abs().topk(k, dim=-1).indices, 1.0)
+    return (act * up * kept) @ layer.w_down
+
+
 def sparse_mlp_by_hand(model, prompt, sparsity, keep):
-    """The request's sparse MLP written out: fine, each token's own top k by |SiLU(gate)| (kernels'
-    fine_mlp); coarse, GRIFFIN's top k from a recorded dense pass over the prompt, applied as a mask."""
+    """The request's sparse MLP written out: fine, each token's own top k by |SiLU(gate)|; coarse, GRIFFIN's
+    top k from a recorded dense pass over the prompt, applied as a mask."""
     D = model.cfg.intermediate_size
-    k = n_kept(D, keep)
+    k = max(1, round(keep * D))
     if sparsity == "fine":
-        return lambda i, x: sirius_min.fine_mlp(x, model.layers[i], k)
+        return lambda i, x: fine_mlp_by_hand(x, model.layers[i], k)
     acts = []
     def recording(i, x):
-        acts.append(swiglu(x, model.layers[i]))
-        return dense_mlp(x, model.layers[i])
+        gate, up = (x @ model.layers[i].w_gate_up).chunk(2, dim=-1)
+        acts.append(F.silu(gate) * up)
+        return acts[-1] @ model.layers[i].w_down
 
     model(prompt, 0, mlp=recording)
-    masks = [torch.zeros(D).index_fill_(0, griffin_scores(z).topk(k).indices, 1.0) for z in acts]
-    return lambda i, x: (swiglu(x, model.layers[i]) * masks[i]) @ model.layers[i].w_down
+    # GRIFFIN's score of a neuron: the norm over the prompt of its activations, each token's row normalised
+    scores = [(z / z.norm(dim=-1, keepdim=True)).norm(dim=0) for z in acts]
+    masks = [torch.zeros(D).index_fill_(0, s.topk(k).indices, 1.0) for s in scores]
+
+    def coarse(i, x):
+        gate, up = (x @ model.layers[i].w_gate_up).chunk(2, dim=-1)
+        return (F.silu(gate) * up * masks[i]) @ model.layers[i].w_down
+    return coarse
 
 
 def plain_loop(model, prompt, max_new, *, sparsity, keep, period, threshold=0.1):
@@ -664,14 +746,23 @@ class StandIn:
 @pytest.mark.parametrize("sparsity", ["fine", "coarse"])
 @pytest.mark.parametrize("width", [1, 3])
 def test_sirius_runs_on_a_model_written_to_the_contract(sparsity, width):
-    """Strict Sirius on the stand-in is its own dense greedy decoding, chain and tree; the paper's rule runs
-    and gains more than one token per period."""
+    """Strict Sirius on the stand-in is its own dense greedy decoding, chain and tree. The paper's rule, checked
+    on a fresh causal pass over its answer: every kept draft has p >= 0.1 at 0.6 where it stands, every token
+    of the full model's is its argmax there, and some draft was kept that the full model would not have
+    written; a chain is the loop written out above, token for token and period for period."""
     model, prompt = StandIn(), torch.tensor([1, 2, 3, 4])
     dense = generate(model, prompt, 40).tokens
     strict = sirius(model, prompt, 40, sparsity=sparsity, keep=0.25, period=4, width=width, strict=True)
     assert strict.tokens == dense and strict.corrections > 0
     lossy = sirius(model, prompt, 40, sparsity=sparsity, keep=0.25, period=4, width=width)
-    assert len(lossy.tokens) == 40 and lossy.aal > 1
+    z = model(torch.cat([prompt, torch.tensor(lossy.tokens)]), 0).double()[len(prompt) - 1:-1]  # before each
+    p = torch.softmax(z / 0.6, -1)[torch.arange(40), lossy.tokens]
+    full = torch.tensor(lossy.from_full)
+    assert (p[~full] >= 0.1).all() and (z[full].argmax(-1) == torch.tensor(lossy.tokens)[full]).all()
+    assert (z[~full].argmax(-1) != torch.tensor(lossy.tokens)[~full]).any()           # lossy: not dense
+    if width == 1:
+        assert (lossy.tokens, lossy.advances) == plain_loop(model, prompt, 40, sparsity=sparsity, keep=0.25,
+                                                            period=4)
 
 
 # --- host synchronisations: one per period, one per token --------------------------------------------
@@ -730,19 +821,9 @@ def test_top_p_never_leaves_the_nucleus():
                .tolist()) == {0, 1, 2, 3, 4}                                          # top-p off: all of them
 
 
-def test_a_seed_reproduces_a_sampled_run(tiny):
-    def run_with(seed, **kw):
-        g = torch.Generator().manual_seed(seed)
-        return sirius(tiny, torch.arange(10), 30, sparsity="fine", period=4, temperature=0.9, generator=g,
-                      **kw).tokens
-    assert run_with(1) == run_with(1) and run_with(1) != run_with(2)
-    assert run_with(1, strict=True) == run_with(1, strict=True) != run_with(2, strict=True)
-
-
 def test_paper_rule_with_sampling_keeps_only_plausible_drafts(tiny):
     """The paper's rule with sampled drafts: every kept draft has p >= threshold at temperature 0.6 under the
-    full model, and the first rejected one has less; the full model's token after them is sampled, so the
-    same drafts can be followed by different tokens."""
+    full model, and the first rejected one has less."""
     periods, g = [], torch.Generator().manual_seed(0)
     for _ in range(4):
         sirius(tiny, torch.arange(10), 40, sparsity="fine", keep=0.25, period=4, temperature=1.0, generator=g,
@@ -754,10 +835,14 @@ def test_paper_rule_with_sampling_keeps_only_plausible_drafts(tiny):
             assert p.probs[p.accepted] < 0.1
 
 
-# Exact speculative sampling, checked statistically: the joint distribution of the first three tokens under
-# strict Sirius at temperature T must be the full model's own. A random model of three tokens keeps the joint
-# distribution small (27 sequences); its sparse model is another random model, so drafts are often rejected
-# and the residual matters. Period 2 covers every case: a kept draft with its bonus token, and a rejection.
+# Exact speculative sampling, checked statistically: under strict Sirius at temperature T the joint
+# distribution of the first n = 4 tokens must be the full model's own. The first token comes from the prefill;
+# the rest from periods of K = 3, whose accepted count a is 0 (a correction at once), 1 (a kept draft, then a
+# rejection: the residual at the second node) or 2 (a bonus). Period 2 could never show the middle case. The
+# reference is computed here, in float64, from the full script's logits: softmax(z / T) cut to the nucleus,
+# and the product along each sequence; nothing of sirius_min's is used for it. A script of three tokens keeps
+# the joint small (81 sequences); the sparse model is another random script, so drafts are often rejected.
+# Pearson's chi-square at p = 0.001 with a fixed seed: a correct rule fails it for one seed in a thousand.
 
 def chi_square_critical(df, z=3.09):
     """The chi-square quantile at p = 0.001 (z = 3.09), Wilson-Hilferty's approximation."""
@@ -771,44 +856,73 @@ def three_token_script(seed):
     return script
 
 
-def chi_square(temperature, top_p, samples=1200, n=3):
+def sampling_distribution(z, temperature, top_p):
+    """By hand, in float64: softmax(z / T), then the smallest set of likeliest tokens whose mass reaches
+    top_p (ties: the lower id first), renormalised."""
+    e = [math.exp(x / temperature) for x in z.double().tolist()]
+    probs = [x / sum(e) for x in e]
+    order, kept, mass = sorted(range(len(probs)), key=lambda i: -probs[i]), [], 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        kept.append(i)
+        mass += probs[i]
+    return [probs[i] / mass if i in kept else 0.0 for i in range(len(probs))]
+
+
+def chi_square(temperature, top_p, samples=2000, n=4, period=3):
     """Pearson's statistic of `samples` strict Sirius runs against the exact joint distribution of
-    sampling the full model alone, and the critical value it must stay under."""
+    sampling the full model alone, the critical value it must stay under, and the accepted counts seen."""
+    torch.set_num_threads(1)  # thousands of tiny runs: a second thread only waits (conftest restores it)
     full, g = three_token_script(1), torch.Generator().manual_seed(0)
     model = FakeModel(full, three_token_script(2), vocab=3)
-    sampling = Sampling(temperature, top_p)
     exact = {(): 1.0}
     for _ in range(n):
-        exact = {seq + (t,): p * float(q) for seq, p in exact.items()
-                 for t, q in enumerate(sirius_min.token_probs(full((0, 0) + seq), sampling))}
-    counts = {}
+        exact = {seq + (t,): p * q for seq, p in exact.items()
+                 for t, q in enumerate(sampling_distribution(full(tuple(PROMPT.tolist()) + seq), temperature,
+                                                             top_p))}
+    counts, accepted = {}, set()
     for _ in range(samples):
-        seq = tuple(sirius(model, PROMPT, n, sparsity="fine", period=2, strict=True, temperature=temperature,
-                           top_p=top_p, generator=g).tokens)
+        seq = tuple(sirius(model, PROMPT, n, sparsity="fine", period=period, strict=True,
+                           temperature=temperature, top_p=top_p, generator=g,
+                           on_period=lambda p: accepted.add(p.accepted)).tokens)
         counts[seq] = counts.get(seq, 0) + 1
     assert all(exact[s] > 0 for s in counts)                              # nothing impossible was sampled
     cells = [s for s, p in exact.items() if p * samples >= 5]             # rare sequences pooled into one
     observed = [counts.get(s, 0) for s in cells] + [samples - sum(counts.get(s, 0) for s in cells)]
     expected = [exact[s] * samples for s in cells] + [samples * (1 - sum(exact[s] for s in cells))]
-    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 1e-9)
-    return stat, chi_square_critical(len(cells))
+    terms = [(o - e) ** 2 / e for o, e in zip(observed, expected) if e > 1e-9]   # the pool may be empty
+    return sum(terms), chi_square_critical(len(terms) - 1), accepted
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
 def test_strict_sampling_is_exact_speculative_sampling(temperature, top_p):
-    stat, critical = chi_square(temperature, top_p)
+    stat, critical, accepted = chi_square(temperature, top_p)
     print(f"chi-square {stat:.1f}, critical value (p = 0.001) {critical:.1f}")
+    assert accepted == {0, 1, 2}          # a correction at once, after a kept draft, and a bonus all occur
     assert stat < critical
 
 
-def test_the_exactness_check_catches_a_wrong_rule(monkeypatch):
-    """The same check fails for a plausible mistake: after a rejection, sampling the replacement from the
-    full model's p instead of the residual max(0, p - q) over-weights the tokens the sparse model likes."""
-    monkeypatch.setattr(sirius_min, "next_token_distribution",
-                        lambda p, q, accepted: p.index_select(0, accepted.view(1))[0])
-    stat, critical = chi_square(1.0, 1.0)
+RIGHT_NEXT_TOKEN_DISTRIBUTION = sirius_min.next_token_distribution
+
+
+def residual_from_the_first_draft(p, q, accepted):
+    """A planted bug: the residual max(0, p - q) at the rejection's node, but with the first draft's q
+    wherever the rejection is. Right when a = 0 (and a bonus is p itself), so period 2 cannot see it."""
+    return RIGHT_NEXT_TOKEN_DISTRIBUTION(p, q[:1].expand_as(q), accepted)
+
+
+@pytest.mark.parametrize("wrong, factor", [
+    (lambda p, q, accepted: p.index_select(0, accepted.view(1))[0], 3),   # p itself, not the residual
+    (residual_from_the_first_draft, 1)])
+def test_the_exactness_check_catches_a_wrong_rule(monkeypatch, wrong, factor):
+    """The same check fails for plausible mistakes: after a rejection, sampling the replacement from the
+    full model's p instead of the residual over-weights the tokens the sparse model likes; the residual
+    taken with the wrong draft's q is wrong only after a kept draft (0 < a < K - 1)."""
+    monkeypatch.setattr(sirius_min, "next_token_distribution", wrong)
+    stat, critical, _ = chi_square(1.0, 1.0)
     print(f"wrong rule: chi-square {stat:.1f}, critical value (p = 0.001) {critical:.1f}")
-    assert stat > 3 * critical
+    assert stat > factor * critical
 
 
 def test_sirius_in_bfloat16(tmp_path):
