@@ -159,9 +159,9 @@ def slice_mlp(mlp, idx, out=None):
     """The neurons idx (k,) as a smaller dense MLP: contiguous weights (h, 2k) and (k, h), gate and up biases
     sliced alike, b_down unchanged. New tensors (3·h·k weights a layer, so that every later step reads
     contiguous memory), or written in place into `out`, an MLPWeights of those shapes."""
-    D = mlp.w_down.shape[0]
+    D, h = mlp.w_down.shape
     cols = torch.cat([idx, D + idx])                                   # gate | up columns of the kept neurons
-    b_gate_up, h = getattr(mlp, "b_gate_up", None), mlp.w_down.shape[1]
+    b_gate_up = getattr(mlp, "b_gate_up", None)
     if out is None:
         new = mlp.w_down.new_empty
         out = MLPWeights(new(h, len(cols)), new(len(idx), h), None if b_gate_up is None else new(len(cols)),

@@ -2,8 +2,7 @@
 
 The network of Hugging Face's `LlamaForCausalLM`, without `transformers`; checkpoint.py reads a Hugging
 Face folder into it (Qwen2, Qwen3 and Mistral too: each differs by a config field or two, qkv_bias, qk_norm,
-sliding_window). A forward pass takes a 1-D tensor of T token ids and returns (T, vocab) logits. The MLP is a
-seam: `forward(..., mlp=fn)` swaps in another MLP (a sparse one) for that pass, attention unchanged.
+sliding_window). The MLP is a seam: `forward(..., mlp=fn)` swaps in another MLP (a sparse one) for that pass.
 
 Slots and positions. The cache has `max_seq_len` slots; a slot holds one token's keys and values. A pass
 writes its T tokens to slots start_pos .. start_pos+T-1 and attends to the slots below start_pos+T. By
@@ -88,8 +87,7 @@ def grouped_attention(q, k, v, mask):
     chain) or bool (T, S). Without a bool mask, SDPA's own grouped heads (enable_gqa), which flash takes. With
     one (a tree, the static path), each KV head's g query heads are folded into the query length, (1, Hkv,
     g*T, hd), and the mask repeated per head: plain masked attention, which SDPA's memory-efficient kernel
-    takes (a bool mask with enable_gqa leaves only the math kernel, which copies K/V per query head).
-    """
+    takes (a bool mask with enable_gqa leaves only the math kernel, which copies K/V per query head)."""
     if mask is None or type(mask) is not torch.Tensor:      # None, or a chain's CausalBias (a subclass)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     _, H, T, hd = q.shape
@@ -156,9 +154,8 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """The decoder and its KV cache. checkpoint.load_model builds one from a HF folder; `Llama(cfg,
-    max_seq_len)` allocates one with uninitialised weights, to fill with `load_state_dict` (names as in
-    `state_dict()`)."""
+    """The decoder and its KV cache. Made by checkpoint.load_model from a HF folder, or by `Llama(cfg,
+    max_seq_len)` with uninitialised weights, to fill with `load_state_dict` (names as in `state_dict()`)."""
 
     def __init__(self, cfg: LlamaConfig, max_seq_len: int = 2048, *, device=None, dtype=None):
         super().__init__()
@@ -191,15 +188,14 @@ class Llama(nn.Module):
         return self.embed[tokens] if self.embed is not None else self.lm_head[:, tokens].T   # (T, h)
 
     def forward(self, tokens, start_pos, mlp=None, *, positions=None, mask=None, last_only=False):
-        """Run tokens (T,) in cache slots start_pos .. start_pos+T-1; return their logits (T, vocab).
-
-        Writes those slots' keys and values and attends to the slots below start_pos+T. `mlp(i, x)` replaces
-        layer i's MLP for this pass. A tree passes `positions` (T,), each token's RoPE position (default: its
-        slot), and `mask` (T, start_pos+T) bool, the slots each token sees (default: causal). last_only: the
-        last token's logits only, (1, vocab), all a prefill needs. A 0-dim tensor start_pos (on the device)
-        takes the static-shape path for torch.compile: every pass reads all max_seq_len slots behind a mask
-        (a given mask is padded with hidden slots), so no shape depends on the position. Neither path reads a
-        value back to the host."""
+        """Run tokens (T,) in cache slots start_pos .. start_pos+T-1, writing their keys and values and
+        attending to the slots below start_pos+T; return their logits (T, vocab). `mlp(i, x)` replaces layer
+        i's MLP for this pass. A tree passes `positions` (T,), each token's RoPE position (default: its slot),
+        and `mask` (T, start_pos+T) bool, the slots each token sees (default: causal). last_only: the last
+        token's logits only, (1, vocab), all a prefill needs. A 0-dim tensor start_pos (on the device) takes
+        the static-shape path for torch.compile: every pass reads all max_seq_len slots behind a mask (a given
+        mask is padded with hidden slots), so no shape depends on the position. Neither path reads a value
+        back to the host."""
         T, S, static = tokens.shape[0], self.max_seq_len, isinstance(start_pos, torch.Tensor)
         if static:
             slots = start_pos + torch.arange(T, device=tokens.device)          # (T,) where this pass writes

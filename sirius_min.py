@@ -117,23 +117,21 @@ class CoarseMLP(torch.nn.Module):
         self.register_buffer("w_gate_up", like.new_empty(L, h, 2 * k), persistent=False)
         self.register_buffer("w_down", like.new_empty(L, k, h), persistent=False)
         self.register_buffer("b_gate_up", like.new_empty(L, 2 * k) if has_bias else None, persistent=False)
-        self.b_down = [getattr(layer, "b_down", None) for layer in model.layers]   # not sliced: the model's
+        # Layer i's slices as the MLPWeights kernels.py reads: views of the buffers (b_down is the model's).
+        self.sliced = [MLPWeights(self.w_gate_up[i], self.w_down[i], None if self.b_gate_up is None
+                                  else self.b_gate_up[i], getattr(layer, "b_down", None))
+                       for i, layer in enumerate(model.layers)]
         self.k, self.idx = k, []
-
-    def layer(self, i):
-        """Layer i's slices, as the MLPWeights kernels.py reads (views of the buffers)."""
-        b_gate_up = None if self.b_gate_up is None else self.b_gate_up[i]
-        return MLPWeights(self.w_gate_up[i], self.w_down[i], b_gate_up, self.b_down[i])
 
     def select(self, model, scores: list):
         """This request's neurons, the k best-scored of every layer, their weights copied into the slices."""
         self.idx = [select_coarse(s, self.k) for s in scores]
         for i, (layer, idx) in enumerate(zip(model.layers, self.idx)):
-            slice_mlp(layer, idx, out=self.layer(i))
+            slice_mlp(layer, idx, out=self.sliced[i])
         return self
 
     def forward(self, i, x):
-        return dense_mlp(x, self.layer(i))
+        return dense_mlp(x, self.sliced[i])
 
 
 _coarse_mlps = weakref.WeakKeyDictionary()   # model -> its CoarseMLP (at the last request's k)
@@ -417,10 +415,9 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
     t0 (a device tensor: the last emitted token, not yet in the cache) goes to slot pos, the drafts after it,
     writing sparse keys and values; the full model's pass rewrites all those slots with its own. Of the w
     paths the one with the longest kept prefix wins (ties: the likelier path); its nodes' keys and values move
-    to slots pos..pos+a (a chain's are already there). All stays on the device up to one read-back. Returns
-    (kept drafts, next token as int and as a device tensor, PeriodTrace or None); the cache is then valid
-    through t0 and the kept drafts, and the next period starts right after them ("roll back"). `judge`:
-    judge_period, or its captured graph."""
+    to slots pos..pos+a (a chain's are already there). Returns (kept drafts, next token as int and as a
+    device tensor, PeriodTrace or None); the cache is then valid through t0 and the kept drafts, and the next
+    period starts right after them ("roll back"). `judge`: judge_period, or its captured graph."""
     sampling = sampling or Sampling()
     rule = "threshold" if not strict else "argmax" if sampling.greedy else "speculative"
     tree = draft_tree(model, sparse_mlp, t0, pos, period, width, sampling, rule == "speculative")
