@@ -14,7 +14,7 @@ an input made by an earlier graph is read in place too; every other tensor input
 graph's own memory, on every replay. So everything a pass reads is kept where it was at capture: weights
 and the KV cache are the model's; a coarse request's slices are buffers allocated once per model
 (sirius_min.CoarseMLP); a tree's masks go into one buffer per pass length, allocated here once. What is left
-to copy is a few hundred bytes: token ids, the position, RoPE positions, a tree's parents and depths.
+to copy is a few hundred bytes: token ids, the position, RoPE positions, a tree's tokens and parents.
 """
 import weakref
 
