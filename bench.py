@@ -18,7 +18,7 @@ import torch
 import kernels
 from model import Llama, LlamaConfig
 from folder import UsageError, encode, load_weights, open_model_folder, read_text
-from sirius_min import (average_advance_length, captured, effective_density, generate,
+from sirius_min import (average_advance_length, effective_density, generate,
                         judge_period, prefill_and_sparse_mlp, sirius, sirius_period, tree_pass_args)
 
 def full_model_nll(model, prompt, tokens):
@@ -124,9 +124,9 @@ def write_json(report, out: Path):
 
 
 def decoding_options(args):
-    """generate()'s and sirius()'s sampling and compile options for one method, in the demo or a whole
-    eval: a generator of its own, seeded, so each method's samples reproduce whatever else runs."""
-    return dict(temperature=args.temperature, top_p=args.top_p, compile=args.compile,
+    """generate()'s and sirius()'s sampling options for one method, in the demo or a whole eval: a
+    generator of its own, seeded, so each method's samples reproduce whatever else runs."""
+    return dict(temperature=args.temperature, top_p=args.top_p,
                 generator=torch.Generator(args.device).manual_seed(args.seed))
 
 
@@ -431,7 +431,7 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     appears only for the (sparsity, w, K = 16) it was measured at. Ideals: "density" is the paper's
     accounting (kernels.density); "plan" the share of all weights this code's plan reads in a step.
     compile (True, or a torch.compile backend's name): every decode pass and the period's judge replayed as
-    captured graphs (sirius_min.captured; fine left out to save compilations), after 3 untimed runs.
+    captured graphs (graphs.capture; fine left out to save compilations), after 3 untimed runs.
     """
     dev, cfg, aals = torch.device(device), cfg or llama3_8b_config(), aals or {}
     if dev.type == "cuda":
@@ -461,7 +461,9 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     for s in ("coarse", "fine"):       # each prefill rewrites the same prompt slots with the same keys/values
         if s in plans or s == sparsity:
             mlps[s] = prefill_and_sparse_mlp(model, prompt, s, keep)[1]
-    step = captured(model, compile)               # the model itself, or its decode passes as graphs
+    if compile:
+        import graphs  # here: it imports torch._dynamo (seconds), which only compile needs
+    step = graphs.capture(model, compile) if compile else model      # the model, or its passes as graphs
     judge = step.judge if compile else judge_period                     # greedy: it is captured too
     if compile:
         for s in plans:

@@ -341,7 +341,8 @@ def encode(args, folder: Folder, text: str, examples=()) -> torch.Tensor:
 def load_weights(args, cfg, longest_prompt, sirius=True):
     """The weights, with a KV cache just long enough for the longest request and, if Sirius runs
     (`sirius`), its last window. Refused before a byte of weights is read: a request whose cache would not
-    fit the model's context, or whose weights and cache would not fit the memory."""
+    fit the model's context, or whose weights and cache would not fit the memory. With --compile, the model
+    comes wrapped so that its decode passes replay as CUDA graphs (graphs.capture)."""
     dtype = torch.bfloat16 if args.dtype == "auto" and args.device == "cuda" else \
         torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
     width = max(args.width) if isinstance(args.width, list) else args.width
@@ -357,7 +358,11 @@ def load_weights(args, cfg, longest_prompt, sirius=True):
                          f"{width}), past the model's sliding_window of {cfg.sliding_window}, where "
                          "attention is not implemented: lower one of them")
     check_memory(cfg, slots, 1 + (period - 1) * width, dtype, args.device)
-    return load_model(args.model, slots, dtype, args.device)
+    model = load_model(args.model, slots, dtype, args.device)
+    if not args.compile:
+        return model
+    import graphs  # here, not at the top: it imports torch._dynamo (seconds), which only --compile needs
+    return graphs.capture(model)
 
 
 def check_memory(cfg, slots, window, dtype, device):

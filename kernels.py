@@ -13,11 +13,9 @@ import torch
 import torch.nn.functional as F
 
 SPARSITIES = ("dense", "fine", "coarse")
-# fine_mlp on a CPU in fp32 gathers the kept rows while keep < GATHER_BELOW, and masks the dense product from
-# there on. Measured by bench.py (bench_fine_plans: one thread, gather / mask time, 5 runs on a busy 2-core
-# machine): SmolLM2's MLP (h 576: short rows, dear to gather) 0.96-1.2 at keep 0.5 and 1.02-1.4 from 0.6 to
-# 0.9; a Llama-3-8B layer (h 4096) 0.73-0.86 at 0.5, 0.79-0.94 to 0.8, 0.91-1.09 at 0.9. The switch is near
-# 0.5 for the small model and 0.9 for the large: 0.55 gathers at the paper's 0.5 and masks above it.
+# fine_mlp on a CPU in fp32 gathers the kept rows while keep < GATHER_BELOW and masks the dense product from
+# there on: 0.55 gathers at the paper's f = 0.5. Where gathering stops paying is measured by bench.py's
+# bench_fine_plans, at SmolLM2's shape and a Llama-3-8B layer's (README, "Speed").
 GATHER_BELOW = 0.55
 
 
@@ -140,7 +138,6 @@ def fine_mlp(x, mlp, k, *, plan=None):
 
 
 # --- coarse-grained (paper: CSparse, GRIFFIN): neurons chosen once from the prompt ------------------------
-
 def griffin_scores(z):
     """Per-neuron score (D,) fp32 from the MLP activations z (T, D) = swiglu(...) of the dense prompt prefill.
     Each token's activation row is normalised first, so every prompt token gets an equal vote; a neuron's
@@ -174,7 +171,6 @@ def slice_mlp(mlp, idx, out=None):
 
 
 # --- accounting ------------------------------------------------------------------------------------------
-
 def param_count(cfg):
     """All parameters of a Llama from its config: embeddings (and untied lm_head), attention, MLP, norms, the
     biases of attention_bias (q, k, v, o), qkv_bias (q, k, v), mlp_bias (gate, up, down), qk_norm's norms."""

@@ -188,14 +188,11 @@ class Llama(nn.Module):
         return self.embed[tokens] if self.embed is not None else self.lm_head[:, tokens].T   # (T, h)
 
     def forward(self, tokens, start_pos, mlp=None, *, positions=None, mask=None, last_only=False):
-        """Run tokens (T,) in cache slots start_pos .. start_pos+T-1, writing their keys and values and
-        attending to the slots below start_pos+T; return their logits (T, vocab). `mlp(i, x)` replaces layer
-        i's MLP for this pass. A tree passes `positions` (T,), each token's RoPE position (default: its slot),
-        and `mask` (T, start_pos+T) bool, the slots each token sees (default: causal). last_only: the last
-        token's logits only, (1, vocab), all a prefill needs. A 0-dim tensor start_pos (on the device) takes
-        the static-shape path for torch.compile: every pass reads all max_seq_len slots behind a mask (a given
-        mask is padded with hidden slots), so no shape depends on the position. Neither path reads a value
-        back to the host."""
+        """Run tokens (T,) in cache slots start_pos .. start_pos+T-1 (see the module docstring); return their
+        logits (T, vocab), or the last token's (1, vocab) with last_only, all a prefill needs. `mlp(i, x)`
+        replaces layer i's MLP for this pass; a tree passes RoPE `positions` (T,) and a bool `mask` (T,
+        start_pos+T). A 0-dim tensor start_pos takes the static-shape path for torch.compile: all max_seq_len
+        slots behind a mask (a given one padded), so no shape depends on the position. No host reads."""
         T, S, static = tokens.shape[0], self.max_seq_len, isinstance(start_pos, torch.Tensor)
         if static:
             slots = start_pos + torch.arange(T, device=tokens.device)          # (T,) where this pass writes

@@ -29,6 +29,7 @@ from bench import FEW_SHOT, decoding_options, print_table  # noqa: E402
 from folder import UsageError, encode, load_weights, open_model_folder, read_stdin_prompt  # noqa: E402
 from checkpoint import CheckpointError  # noqa: E402
 from sirius_min import generate, sirius  # noqa: E402
+from tracing import Trace, print_trace  # noqa: E402
 
 DEMO_PROMPT = "Mia buys 4 packs of stickers with 6 stickers in each pack. How many stickers does she have?"
 
@@ -151,8 +152,8 @@ def build_parser():
         g.add_argument("--max-new-tokens", type=num("--max-new-tokens"), default=n, help=f"(default: {n})")
         if c is bench:
             continue
-        g.add_argument("--compile", action="store_true", help="CUDA only: capture the one-token step in a "
-                       "CUDA graph (torch.compile; the first tokens wait for compiling)")
+        g.add_argument("--compile", action="store_true", help="CUDA only: replay every decode pass as a CUDA "
+                       "graph (graphs.py; the first tokens wait for torch.compile)")
         g = c.add_argument_group("sampling (default: greedy, the paper's setting)")
         g.add_argument("--temperature", type=num("--temperature"), default=0.0, metavar="T",
                        help="0: greedy (default); else sample at T (at least 0.01; Sirius: --width 1)")
@@ -208,7 +209,7 @@ def demo(args):
     few_shot = args.prompt == DEMO_PROMPT if args.few_shot is None else args.few_shot
     prompt = encode(args, folder, text, FEW_SHOT if few_shot else ())
     model = load_weights(args, folder.cfg, len(prompt), sirius=runs_sirius(args))
-    color, periods = sys.stdout.isatty() and not args.no_color, []
+    color, periods = sys.stdout.isatty() and not args.no_color, Trace()
     runs = [] if args.sirius else ["dense"] + [f"{args.sparsity} sparse"] * runs_sirius(args)
     runs += [f"Sirius ({args.sparsity}{f', w={args.width}' * (args.width > 1)})"] * runs_sirius(args)
     sampled = f"; sampled at T = {args.temperature}, top-p {args.top_p}, seed {args.seed}"
@@ -222,7 +223,7 @@ def demo(args):
         if name.startswith("Sirius"):
             res = sirius(model, prompt, n, sparsity=args.sparsity, period=args.period, width=args.width,
                          threshold=args.threshold, strict=args.strict,
-                         on_period=periods.append if args.trace else None, **opts)
+                         on_period=periods if args.trace else None, **opts)
         else:
             res = generate(model, prompt, n, sparsity=name.split()[0], **opts)
         print()
@@ -238,55 +239,6 @@ def demo(args):
                  for name, r in rows])
     if args.trace and periods:
         print_trace(tok, periods, args, eos)
-
-
-RULE = {  # the trace's header: how a draft was judged
-    "threshold": "the paper's rule: a draft is kept while the full model gives it p >= {threshold} at "
-                 "temperature 0.6",
-    "argmax": "strict: a draft is kept while it is the full model's argmax (p: its probability at 0.6)",
-    "speculative": "strict, sampled: a draft is kept with probability min(1, p/q), p and q its probability "
-                   "at T = {temperature}\nunder the full and the sparse model (exact speculative sampling)"}
-
-
-def rejected(p, threshold):
-    """Why the first draft after the kept ones failed its rule (i: its index among the drafts)."""
-    i = p.accepted
-    if p.rule == "threshold":  # 4 digits: 0.0999 must not read as 0.100 < 0.1
-        return f"p {p.probs[i]:.4g} < {threshold}"
-    if p.rule == "argmax":
-        return "not the full model's argmax"
-    return f"rejected with probability 1 - p/q = {1 - p.target_probs[i] / p.draft_probs[i]:.3f}"
-
-
-def print_trace(tok, periods, args, eos, width=104):
-    """One block per period: t0 and the drafts of the chosen path with what the rule judged each by, a bar
-    where the kept run ends, why the next draft was rejected, and what the full model appended."""
-    print("\nSirius, period by period (| marks the end of the kept drafts)\n"
-          + RULE[periods[0].rule].format(**vars(args)))
-    for n, p in enumerate(periods, 1):
-        kind = "bonus" if p.accepted == len(p.window) - 1 else "correction" if p.appended != p.window[
-            p.accepted + 1] else "rejected; the full model's token is the draft itself"  # a flat p, see README
-        beams = f"; beam {p.chosen + 1}/{len(p.beams)}, kept per beam {p.beams}" if len(p.beams) > 1 else ""
-        show = lambda t: printable(repr(tok.decode([t], skip_special_tokens=False)))  # noqa: E731
-        stop = next((t for t in p.window[1:p.accepted + 1] if t in eos), None)
-        then = f"stopped at {show(stop)}" if stop is not None else f"then {show(p.appended)} ({kind})"
-        print(f"\nperiod {n}, position {p.pos}: kept {p.accepted}/{len(p.window) - 1}, {then}{beams}")
-        judged = ([(f"p {x:.3f}", f"q {y:.3f}") for x, y in zip(p.target_probs, p.draft_probs)]
-                  if p.rule == "speculative" else [(f"{x:.3f}",) for x in p.probs])  # what the rule read
-        cells = [(show(t), *j) for t, j in zip(p.window, [("t0", "", "")[:len(judged[0])]] + judged)]
-        cells.insert(p.accepted + 1, ("|",) * len(cells[0]))
-        lines, line = [], []
-        for cell in cells:
-            if line and sum(max(map(len, c)) + 2 for c in line + [cell]) > width:  # 2 spaces before each
-                lines.append(line)
-                line = []
-            line.append(cell)
-        for line in lines + [line]:
-            w = [max(map(len, c)) for c in line]
-            for row in range(len(cells[0])):
-                print("  " + "  ".join(c[row].ljust(x) for c, x in zip(line, w)).rstrip())
-        if kind != "bonus" and stop is None:
-            print(f"  draft {show(p.window[p.accepted + 1])}: {rejected(p, args.threshold)}")
 
 
 # --- entry point ----------------------------------------------------------------------------------

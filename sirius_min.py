@@ -6,7 +6,7 @@ KV cache. What this file needs of a model is `Model` below: model.py's Llama mee
 stand-in in tests/test_sirius.py. Read top to bottom: the contract, choosing a token, the sparse MLPs and the
 prefill, the metrics, plain decoding, then Sirius: the acceptance rules, drafting (a chain, or a tree of width
 w), one period, the loop. A period waits for the device once (one packed read-back), plain decoding once per
-token; with compile=, every decode pass replays as a captured graph (graphs.py).
+token. graphs.capture(model) wraps a Llama so that every decode pass, and the judge, replays as a graph.
 """
 import time
 import weakref
@@ -29,7 +29,8 @@ class Model(Protocol):
     beyond start_pos+T are ignored, so rolling back is starting the next pass earlier. `mlp(i, x)` replaces
     layer i's MLP. A tree passes each token's RoPE `positions` (T,) and a bool `mask` (T, start_pos+T).
     `move_kv(slots, start)` copies cached keys and values. `layers[i]` holds the MLP weights kernels.py reads
-    (w_gate_up, w_down; optional biases, up_rows); `cfg` the config fields kernels.density counts."""
+    (w_gate_up, w_down; optional biases, up_rows); `cfg` the config fields kernels.density counts. A model
+    may bring its own `judge` (graphs.py's: judge_period as a captured graph), used when decoding greedily."""
     cfg: Any
     max_seq_len: int
     layers: Sequence[Any]
@@ -40,7 +41,6 @@ class Model(Protocol):
 
 
 # --- choosing a token: the argmax, or a sample from a distribution ---------------------------------
-
 @dataclass
 class Sampling:
     """How tokens are chosen: greedy at temperature 0, else sampled at temperature T from the nucleus."""
@@ -80,20 +80,16 @@ def choose_token(logits, sampling: Sampling):
     return sample(token_probs(logits, sampling), sampling.generator)
 
 
-def check_sampling(temperature, top_p, generator, device) -> Sampling:
-    """The options checked; sampling with no generator gets a fresh, randomly seeded one."""
+def check_sampling(temperature, top_p, generator) -> Sampling:
+    """The options checked. With no generator, sampling draws from torch's global one (torch.manual_seed)."""
     if not (isinstance(temperature, (int, float)) and (temperature == 0 or 0.01 <= temperature < 1e9)):
         raise ValueError(f"temperature must be 0 (greedy) or at least 0.01 (finite), got {temperature!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if generator is None and temperature > 0:
-        generator = torch.Generator(device)
-        generator.seed()
     return Sampling(float(temperature), float(top_p), generator)
 
 
 # --- the two sparse MLPs (drop-in for the model's MLP seam) ----------------------------------------
-
 class FineMLP:
     """Fine-grained sparsity: every token, in every layer, keeps its own top-k neurons by |SiLU(gate)|."""
 
@@ -175,7 +171,6 @@ def clock(device):
 
 
 # --- results and metrics -------------------------------------------------------------------------
-
 @dataclass
 class Result:
     tokens: list                                  # generated ids (EOS included if it was generated)
@@ -217,7 +212,6 @@ def effective_density(density, period, aal):
 
 
 # --- plain decoding (dense or sparse) ------------------------------------------------------------
-
 def check_request(model, max_new_tokens, slots_needed):
     if type(max_new_tokens) is not int or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
@@ -225,21 +219,12 @@ def check_request(model, max_new_tokens, slots_needed):
         raise ValueError(f"the request needs {slots_needed} cache slots; the model has {model.max_seq_len}")
 
 
-def captured(model, compile):
-    """The model, or (compile: True for CUDA graphs, or a torch.compile backend's name) the same model with
-    every decode pass, and `.judge`, a captured graph: graphs.py, imported only here."""
-    import graphs
-    return graphs.capture(model, compile) if compile else model
-
-
 def generate(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="dense", keep=0.5, temperature=0.0,
-             top_p=1.0, generator=None, compile=False, on_token=None):
+             top_p=1.0, generator=None, on_token=None):
     """Decoding one token per forward pass, dense or with a sparse MLP after the dense prefill.
-    on_token(token, from_full) sees every token as it is chosen; the host waits for each (one sync).
-    compile: each step replayed as a captured graph (`captured`)."""
+    on_token(token, from_full) sees every token as it is chosen; the host waits for each (one sync)."""
     check_request(model, max_new_tokens, cache_slots(len(prompt), max_new_tokens))
-    sampling = check_sampling(temperature, top_p, generator, prompt.device)
-    model = captured(model, compile)
+    sampling = check_sampling(temperature, top_p, generator)
     logits, sparse_mlp = prefill_and_sparse_mlp(model, prompt, sparsity, keep)
     token, pos, out = choose_token(logits[-1], sampling), len(prompt), []
     start = clock(prompt.device)
@@ -374,25 +359,9 @@ def root_to_leaf_paths(tree, period, width):
 
 
 # --- Sirius: one period -----------------------------------------------------------------------------
-
-@dataclass
-class PeriodTrace:
-    """One verification, for a trace (`on_period`): the chosen path and what the full model made of it."""
-    pos: int             # the cache slot (and position) of t0
-    window: list         # t0, then the chosen path's drafts d_1..d_{K-1}
-    probs: list          # the full model's p(d_i) at the acceptance temperature 0.6
-    accepted: int        # a: drafts kept
-    appended: int        # the full model's token after them: a correction if a < K-1, else a bonus
-    beams: list          # a of each of the w paths (one entry for a chain)
-    chosen: int          # index of the chosen path
-    rule: str            # "threshold", "argmax" or "speculative"
-    target_probs: list | None = None   # speculative: p(d_i), the full model at the sampling temperature
-    draft_probs: list | None = None    # speculative: q(d_i), the sparse model that drafted it
-
-
 def judge_period(logits, tree, *, period, width, rule, threshold, sampling):
     """The device part of a verification: which drafts pass, each path's a, the best path, the next token.
-    Fixed shapes and no host read, so the whole of it is one captured graph with compile (torch.compile
+    Fixed shapes and no host read, so the whole of it is one captured graph (graphs.py: torch.compile
     takes it with fullgraph=True: a host read or a data-dependent shape would be an error). Returns
     `packed` (chosen path, a, next token, the path's K-1 drafts: what the host reads), and for the rest of
     the period the path (K,) and the next token on the device, each path's a (w,), and p_full."""
@@ -411,15 +380,16 @@ def judge_period(logits, tree, *, period, width, rule, threshold, sampling):
 
 
 def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1, strict=False,
-                  sampling=None, record=False, judge=judge_period):
+                  sampling=None, judge=judge_period, on_period=None):
     """One period: draft, verify every draft in one full-model pass, keep the best path, add one token.
 
     t0 (a device tensor: the last emitted token, not yet in the cache) goes to slot pos, the drafts after it,
     writing sparse keys and values; the full model's pass rewrites all those slots with its own. Of the w
     paths the one with the longest kept prefix wins (ties: the likelier path); its nodes' keys and values move
     to slots pos..pos+a (a chain's are already there). Returns (kept drafts, next token as int and as a
-    device tensor, PeriodTrace or None); the cache is then valid through t0 and the kept drafts, and the next
-    period starts right after them ("roll back"). `judge`: judge_period, or its captured graph."""
+    device tensor); the cache is then valid through t0 and the kept drafts, and the next period starts right
+    after them ("roll back"). `judge`: judge_period, or its captured graph. on_period, if given, is handed
+    what the period computed on the device (tracing.py reads it back for a trace)."""
     sampling = sampling or Sampling()
     rule = "threshold" if not strict else "argmax" if sampling.greedy else "speculative"
     tree = draft_tree(model, sparse_mlp, t0, pos, period, width, sampling, rule == "speculative")
@@ -430,23 +400,18 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
     b, a, appended, *drafts = packed.tolist()                              # the one host sync
     if width > 1:
         model.move_kv(pos + path[:a + 1], pos)                             # the back-gather
-    trace = None
-    if record:  # only for a trace: more read-backs, off the hot path
-        p06 = acceptance_probs(logits, tree.parent, tree.tokens)[path[1:]].tolist()
-        trace = PeriodTrace(pos, [int(t0)] + drafts, p06, a, appended, accepted.tolist(), b, rule)
-        if rule == "speculative":
-            trace.target_probs = p_full[path[:-1], tree.tokens[path[1:]]].tolist()
-            trace.draft_probs = tree.draft_probs[path[1:], tree.tokens[path[1:]]].tolist()
-    return drafts[:a], appended, next_token, trace
+    if on_period is not None:
+        on_period(pos=pos, tree=tree, logits=logits, path=path, accepted=accepted, chosen=b,
+                  appended=appended, p_full=p_full, rule=rule)
+    return drafts[:a], appended, next_token
 
 
 def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0.5, period=16, width=1,
-           threshold=0.1, strict=False, temperature=0.0, top_p=1.0, generator=None, compile=False,
-           on_token=None, on_period=None):
+           threshold=0.1, strict=False, temperature=0.0, top_p=1.0, generator=None, on_token=None, on_period=None):
     """Sirius generation: sparse drafts, corrected every `period` tokens by one full-model pass. Every
     window is a full K-token window, as in the paper's code: the last one may run past max_new_tokens, and
-    what it gains beyond is dropped. on_token(token, from_full) sees every emitted token;
-    on_period(PeriodTrace) every verification."""
+    what it gains beyond is dropped. on_token(token, from_full) sees every emitted token; on_period
+    every verification, as sirius_period hands it over (tracing.Trace() records them for reading)."""
     if sparsity not in ("fine", "coarse"):
         raise ValueError(f"Sirius corrects a sparse model: sparsity must be fine or coarse, got {sparsity!r}")
     if type(period) is not int or period < 2:
@@ -455,13 +420,12 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
         raise ValueError(f"width must be a whole number >= 1, got {width!r}")
     if not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
         raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-    sampling = check_sampling(temperature, top_p, generator, prompt.device)
+    sampling = check_sampling(temperature, top_p, generator)
     if not sampling.greedy and width > 1:
         raise ValueError("sampling drafts a chain: width must be 1 when temperature > 0")
     check_request(model, max_new_tokens, cache_slots(len(prompt), max_new_tokens, period, width))
-    model = captured(model, compile)
     logits, sparse_mlp = prefill_and_sparse_mlp(model, prompt, sparsity, keep)
-    judge = model.judge if compile and sampling.greedy else judge_period
+    judge = getattr(model, "judge", judge_period) if sampling.greedy else judge_period
     res = Result([], [], density(model.cfg, keep, sparsity), period, width)
     t0, pos = choose_token(logits[-1], sampling), len(prompt)              # the first token: full model
     start = clock(prompt.device)
@@ -475,9 +439,9 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
 
     done = emit(int(t0), True)
     while not done:
-        drafts, token, t0, record = sirius_period(
+        drafts, token, t0 = sirius_period(
             model, sparse_mlp, t0, pos, period=period, width=width, threshold=threshold, strict=strict,
-            sampling=sampling, record=on_period is not None, judge=judge)
+            sampling=sampling, judge=judge, on_period=on_period)
         for d in drafts:
             if done := emit(d, False):
                 break
@@ -485,8 +449,6 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
             res.corrections += len(drafts) < period - 1
             done = emit(token, True)
         res.advances.append(len(drafts) + 1)
-        if on_period:
-            on_period(record)
         pos += 1 + len(drafts)  # roll back: the cache is valid through t0 and the kept drafts
     res.decode_s = clock(prompt.device) - start
     return res

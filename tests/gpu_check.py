@@ -126,10 +126,10 @@ def capture(dry_run, smollm2):
             made = log.graphs
             with torch._dynamo.config.patch(error_on_recompile=i > 0):
                 if method == "generate":
-                    generate(model, prompt, 24, sparsity=sparsity, compile=log)
+                    generate(graphs.capture(model, log), prompt, 24, sparsity=sparsity)
                 else:
-                    sirius(model, prompt, 24 + 16 * i, sparsity=sparsity, width=width, period=8, strict=True,
-                           compile=log)
+                    sirius(graphs.capture(model, log), prompt, 24 + 16 * i, sparsity=sparsity, width=width,
+                           period=8, strict=True)
             if i == 1:
                 second_request_compiled = log.graphs - made
         per_graph = {}

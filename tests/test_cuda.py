@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import graphs
 import kernels
 import run
 import sirius_min
@@ -129,14 +130,15 @@ def test_cuda_bf16_strict_tree_sirius_is_dense_greedy_up_to_near_ties(smollm, cu
 # --- graph capture: torch.compile(mode="reduce-overhead") -------------------------------------------------
 
 def test_cuda_compiled_decoding_gives_the_eager_tokens(smollm, cuda_model):
-    """generate(compile=True) runs the one-token step as a captured graph (graphs.py). fp32 (TF32 off), so that "the same
-    tokens" is a fair demand: the compiler fuses norms and RoPE into kernels that round differently from
-    eager's, which in bf16 could flip a near-tie. A missing `compile` keyword fails here, it does not skip."""
+    """generate(graphs.capture(model)) runs the one-token step as a captured graph. fp32 (TF32 off), so that
+    "the same tokens" is a fair demand: the compiler fuses norms and RoPE into kernels that round differently
+    from eager's, which in bf16 could flip a near-tie."""
     prompt = chat(smollm, PROMPTS[0])
     runs = {}
     for compiled in (False, True):
-        sirius_min.generate(cuda_model, prompt, 48, compile=compiled)       # warm-up: compiles, captures
-        runs[compiled] = sirius_min.generate(cuda_model, prompt, 48, compile=compiled)
+        model = graphs.capture(cuda_model) if compiled else cuda_model
+        sirius_min.generate(model, prompt, 48)                              # warm-up: compiles, captures
+        runs[compiled] = sirius_min.generate(model, prompt, 48)
     print(f"\nSmolLM2 fp32, 48 tokens: eager {runs[False].ms_per_token:.2f} ms/token, "
           f"compiled {runs[True].ms_per_token:.2f} ms/token")
     assert runs[True].tokens == runs[False].tokens
@@ -144,13 +146,14 @@ def test_cuda_compiled_decoding_gives_the_eager_tokens(smollm, cuda_model):
 
 @pytest.mark.parametrize("sparsity, width", [("coarse", 1), ("fine", 4)])
 def test_cuda_compiled_sirius_gives_the_eager_tokens(smollm, cuda_model, sparsity, width):
-    """sirius(compile=True): every decode pass and the judge replayed as CUDA graphs (graphs.py), strict, fp32
+    """sirius(graphs.capture(model)): every decode pass and the judge replayed as CUDA graphs, strict, fp32
     with TF32 off (as above: exact equality is fair in fp32), and one wait for the host per period."""
     prompt = chat(smollm, PROMPTS[0])
     kw = dict(sparsity=sparsity, width=width, period=8, strict=True)
     eager = sirius_min.sirius(cuda_model, prompt, 48, **kw)
-    sirius_min.sirius(cuda_model, prompt, 48, compile=True, **kw)            # warm-up: compiles, captures
-    compiled, syncs = count_syncs(lambda: sirius_min.sirius(cuda_model, prompt, 48, compile=True, **kw))
+    model = graphs.capture(cuda_model)
+    sirius_min.sirius(model, prompt, 48, **kw)                              # warm-up: compiles, captures
+    compiled, syncs = count_syncs(lambda: sirius_min.sirius(model, prompt, 48, **kw))
     print(f"\nSmolLM2 fp32 strict Sirius {sparsity} w = {width}: eager {eager.ms_per_token:.2f} ms/token, "
           f"compiled {compiled.ms_per_token:.2f} ms/token, {syncs} waits for {len(compiled.advances)} periods")
     assert compiled.tokens == eager.tokens and compiled.corrections > 0
@@ -224,7 +227,7 @@ def test_cuda_a_sirius_period_waits_once(smollm, cuda_bf16, sparsity, width):
 
     def periods(n):
         for _ in range(n):
-            drafts, _, state["t0"], _ = sirius_min.sirius_period(
+            drafts, _, state["t0"] = sirius_min.sirius_period(
                 cuda_bf16, sparse_mlp, state["t0"], state["pos"], period=8, width=width)
             state["pos"] += 1 + len(drafts)
 

@@ -21,10 +21,10 @@ def run_twice(tiny, method, **kw):
     """Two requests with one InputLog: a warm-up, then (no compiling allowed) a longer prompt at other
     positions, through more periods. Returns the log, the graphs the warm-up made, and both results."""
     log = graphs.InputLog()
-    first = method(tiny, torch.arange(10), 24, compile=log, **kw)
+    first = method(graphs.capture(tiny, log), torch.arange(10), 24, **kw)
     warm = log.graphs
     with torch._dynamo.config.patch(error_on_recompile=True):
-        second = method(tiny, torch.arange(3, 20), 40, compile=log, **kw)
+        second = method(graphs.capture(tiny, log), torch.arange(3, 20), 40, **kw)
     return log, warm, first, second
 
 
@@ -65,7 +65,7 @@ def test_no_graph_waits_for_the_host(tiny):
     """Every graph of a period (draft steps, verify window, judge) is free of values the host must wait
     for; the same check flags a function that reads the device (planted: a slice as long as a)."""
     log = graphs.InputLog()
-    sirius(tiny, torch.arange(10), 24, sparsity="fine", period=4, width=3, compile=log)
+    sirius(graphs.capture(tiny, log), torch.arange(10), 24, sparsity="fine", period=4, width=3)
     assert log.graphs == 4 and log.host_reads == []
 
     def reads_the_host(logits, tree, **kw):

@@ -21,8 +21,10 @@ import bench
 import folder
 import run
 import sirius_min
+import tracing
 from conftest import TINY_CONFIG, write_checkpoint
 from test_faults import write_tiny_folder
+from tracing import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = re.compile(r"^-?\d+(\.\d+)?(/\d+)?%?$")
@@ -81,9 +83,9 @@ def test_trace_matches_the_run(tiny, prompt, strict, width):
     """Every period's record agrees with what the loop emitted: kept drafts and appended token in order,
     probabilities in [0, 1], kept drafts plausible (strict: the full model's own choice). Fine sparsity on
     the tiny model keeps whole windows in some periods and corrects others: both are checked."""
-    periods = []
+    periods = Trace()
     res = sirius_min.sirius(tiny, prompt, 48, sparsity="fine", width=width, strict=strict,
-                            on_period=periods.append)
+                            on_period=periods)
     assert len(periods) == len(res.advances)
     assert any(p.accepted > 0 for p in periods) and any(p.accepted < len(p.window) - 1 for p in periods)
     replay = [res.tokens[0]]
@@ -113,10 +115,10 @@ def trace_errors(tiny, prompt, rule):
     from test_sirius import fine_mlp_by_hand
 
     T = 0.8 if rule == "speculative" else 0.0
-    periods, width = [], 2 if rule == "tree" else 1
+    periods, width = Trace(), 2 if rule == "tree" else 1
     sirius_min.sirius(tiny, prompt, 30, sparsity="fine", keep=0.5, period=5, width=width,
                       strict=rule == "speculative", temperature=T, generator=torch.Generator().manual_seed(0),
-                      on_period=periods.append)
+                      on_period=periods)
     ref, verified, errors = twin(tiny), prompt.tolist(), []
     k = max(1, round(0.5 * TINY_CONFIG["intermediate_size"]))
     for p in periods:
@@ -171,9 +173,9 @@ def test_no_trace_no_extra_work(tiny, prompt, monkeypatch):
     assert calls == []
     plain = sirius_min.sirius(tiny, prompt, 24, sparsity="fine", period=8)
     assert len(calls) == len(plain.advances)
-    seen = []
+    seen = Trace()
     traced = sirius_min.sirius(tiny, prompt, 24, sparsity="fine", period=8, strict=True,
-                               on_period=seen.append)
+                               on_period=seen)
     assert traced.tokens == res.tokens and len(seen) == len(traced.advances)
     assert len(calls) > len(plain.advances)
 
@@ -206,12 +208,12 @@ def test_trace_of_a_rejected_draft_the_full_model_writes_again(capsys):
     from types import SimpleNamespace
     from test_sirius import PROMPT, markov
 
-    periods = []
+    periods = Trace()
     res = sirius_min.sirius(markov({}, flat_rows=(2,)), PROMPT, 8, sparsity="fine", period=4,
-                            on_period=periods.append)
+                            on_period=periods)
     assert res.tokens == [1, 2, 3, 4, 5, 6, 7, 8] and res.from_full[2] and res.corrections == 1
     tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(map(str, ids)))
-    run.print_trace(tok, periods, SimpleNamespace(threshold=0.1, temperature=0.0), eos=[])
+    tracing.print_trace(tok, periods, SimpleNamespace(threshold=0.1, temperature=0.0), eos=[])
     trace = capsys.readouterr().out
     assert "period 1, position 2: kept 1/3, then '3' (rejected; the full model's token is the draft " \
            "itself)" in trace and "period 2, position 4: kept 3/3, then '7' (bonus)" in trace

@@ -16,6 +16,7 @@ import sirius_min
 from conftest import PROMPTS, encode_chat, rel_err, twin
 from kernels import MLPWeights, dense_mlp, griffin_scores, n_kept, swiglu
 from bench import full_model_nll
+from tracing import Trace
 from sirius_min import (ACCEPT_TEMPERATURE, Sampling, cache_slots, depth_nodes, draft_tree, effective_density,
                         generate, keep_drafts, longest_kept_prefix, prefill_and_sparse_mlp,
                         root_to_leaf_paths, sirius, tree_pass_args)
@@ -358,8 +359,8 @@ def tree_model(after_t0):
 def test_tree_period_chooses_a_beam(after_t0, tokens, beams, chosen):
     """One period of width 2: each beam's accepted length, the longest wins, its drafts are emitted, then the
     full model's token after them; its nodes' slots are gathered back to pos.. (the back-gather)."""
-    model, periods = tree_model(after_t0), []
-    res = run(model, max_new=4, period=3, width=2, on_period=periods.append)
+    model, periods = tree_model(after_t0), Trace()
+    res = run(model, max_new=4, period=3, width=2, on_period=periods)
     assert res.tokens == tokens and len(periods) == 1
     assert periods[0].beams == beams and periods[0].chosen == chosen
     kept = periods[0].accepted
@@ -632,10 +633,10 @@ def test_strict_tree_is_dense_greedy(smollm, prompts, dense, sparsity, width):
     """Strict acceptance keeps a draft only if it is the full model's argmax: any width then reproduces dense
     greedy decoding (up to floating-point near-ties between passes of different lengths)."""
     model, _ = smollm
-    periods = []
+    periods = Trace()
     for prompt, reference in zip(prompts[:2], dense):
         res = sirius(model, prompt, 32, sparsity=sparsity, keep=0.5, period=4, width=width, strict=True,
-                     on_period=periods.append)
+                     on_period=periods)
         assert res.tokens == reference[:32]
         assert res.corrections > 0                  # the sparse model went wrong: strict mode had work to do
     assert any(p.chosen > 0 for p in periods)         # and a side beam won at least once: the tree mattered
@@ -653,13 +654,13 @@ def test_cache_holds_full_kv_after_every_period(request, monkeypatch, name, spar
     def checked_period(model, mlp, t0, pos, **kw):
         nonlocal seq
         assert len(seq) == pos                                 # rolled back to exactly the verified length
-        drafts, nxt, nxt_tensor, record = original(model, mlp, t0, pos, **kw)
+        drafts, nxt, nxt_tensor = original(model, mlp, t0, pos, **kw)
         seq = seq + [int(t0)] + drafts
         fresh(torch.tensor(seq), 0)
         L = len(seq)
         checks.append(max(rel_err(model.cache_k[:, :, :L], fresh.cache_k[:, :, :L]),
                           rel_err(model.cache_v[:, :, :L], fresh.cache_v[:, :, :L])))
-        return drafts, nxt, nxt_tensor, record
+        return drafts, nxt, nxt_tensor
 
     monkeypatch.setattr(sirius_min, "sirius_period", checked_period)
     res = sirius(model, prompt, 24, sparsity=sparsity, keep=0.5, period=6, width=width)
@@ -824,10 +825,10 @@ def test_top_p_never_leaves_the_nucleus():
 def test_paper_rule_with_sampling_keeps_only_plausible_drafts(tiny):
     """The paper's rule with sampled drafts: every kept draft has p >= threshold at temperature 0.6 under the
     full model, and the first rejected one has less."""
-    periods, g = [], torch.Generator().manual_seed(0)
+    periods, g = Trace(), torch.Generator().manual_seed(0)
     for _ in range(4):
         sirius(tiny, torch.arange(10), 40, sparsity="fine", keep=0.25, period=4, temperature=1.0, generator=g,
-               on_period=periods.append)
+               on_period=periods)
     assert any(p.accepted < 3 for p in periods) and any(p.accepted > 0 for p in periods)
     for p in periods:
         assert p.rule == "threshold" and all(x >= 0.1 for x in p.probs[:p.accepted])
@@ -885,7 +886,7 @@ def chi_square(temperature, top_p, samples=2000, n=4, period=3):
     for _ in range(samples):
         seq = tuple(sirius(model, PROMPT, n, sparsity="fine", period=period, strict=True,
                            temperature=temperature, top_p=top_p, generator=g,
-                           on_period=lambda p: accepted.add(p.accepted)).tokens)
+                           on_period=lambda **p: accepted.add(int(p["accepted"][p["chosen"]]))).tokens)
         counts[seq] = counts.get(seq, 0) + 1
     assert all(exact[s] > 0 for s in counts)                              # nothing impossible was sampled
     cells = [s for s, p in exact.items() if p * samples >= 5]             # rare sequences pooled into one
