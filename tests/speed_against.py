@@ -1,0 +1,85 @@
+"""Eager CPU decoding speed of this checkout against another revision, measured in one run.
+
+    python tests/speed_against.py REV [--rounds 6] [--tokens 48]
+
+REV is checked out into a temporary git worktree. Each round runs the same requests (SmolLM2-135M, fp32, one
+thread, the demo prompt; dense, coarse and fine plain decoding, fine and coarse Sirius) once in each checkout,
+in a fresh process each, alternating which goes first, so the machine's noise falls on both alike. Prints,
+per method, the median ms/token of each and new / old (below 1: this checkout is faster), and whether both
+gave the same tokens. Uses only generate(), sirius() and checkpoint.load_model, which both must have.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = [("generate", "dense"), ("generate", "coarse"), ("generate", "fine"), ("sirius", "fine"),
+           ("sirius", "coarse")]
+PROMPT = "Mia buys 4 packs of stickers with 6 stickers in each pack. How many stickers does she have?"
+
+# Run inside a checkout (its own cache of the embedded model: revisions may stamp it differently).
+CHILD = """
+import json, sys, torch
+torch.set_num_threads(1)
+import sirius_min
+from checkpoint import load_model
+from convert_gguf import default_model_dir
+from tokenizers import Tokenizer
+folder = default_model_dir()                                    # converts it on the first round
+prompt = torch.tensor(Tokenizer.from_file(str(folder / "tokenizer.json")).encode({prompt!r}).ids)
+model = load_model(folder, 512)
+out = {{}}
+for method, sparsity in {methods!r}:
+    run = getattr(sirius_min, method)
+    run(model, prompt, 8, sparsity=sparsity)                                     # warm-up
+    res = run(model, prompt, {tokens}, sparsity=sparsity)
+    out[method + " " + sparsity] = [res.ms_per_token, res.tokens]
+print(json.dumps(out))
+"""
+
+
+def measure(checkout, cache, tokens):
+    code = CHILD.format(prompt=PROMPT, methods=METHODS, tokens=tokens)
+    env = {**os.environ, "SIRIUS_MIN_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"error: the run in {checkout} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("rev", help="the revision to compare with (a commit, a tag, a branch)")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--tokens", type=int, default=48)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "old"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.rev], check=True)
+        try:
+            caches = {"old": Path(tmp) / "old-cache", "new": Path(tmp) / "new-cache"}
+            runs = {"old": [], "new": []}
+            for r in range(args.rounds):
+                order = [("old", old), ("new", ROOT)][:: 1 if r % 2 == 0 else -1]
+                for name, checkout in order:
+                    runs[name].append(measure(checkout, caches[name], args.tokens))
+                print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=True)
+    print(f"ms/token, medians of {args.rounds} runs each, SmolLM2-135M fp32, one thread, {args.tokens} tokens; "
+          f"old = {args.rev}, new = this checkout")
+    print(f"{'method':<16} {'old':>7} {'new':>7} {'new / old':>10}  same tokens")
+    for key in runs["new"][0]:
+        old_ms = statistics.median(run[key][0] for run in runs["old"])
+        new_ms = statistics.median(run[key][0] for run in runs["new"])
+        same = all(run[key][1] == runs["new"][0][key][1] for run in runs["old"] + runs["new"])
+        print(f"{key:<16} {old_ms:7.2f} {new_ms:7.2f} {new_ms / old_ms:10.3f}  {'yes' if same else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
