@@ -930,7 +930,8 @@ def test_sirius_in_bfloat16(tmp_path):
     """The whole loop in bf16 (the GPU default), chain and tree. Strict mode gives the model's own greedy
     decoding up to a near-tie: where the two first differ, the dense model's logits of the two tokens are
     within a few bf16 rounding steps (2^-8 of the logits' scale each) of each other. The paper's rule gains
-    more than one token per period."""
+    more than one token per period, and each period keeps exactly the drafts before the first one whose p
+    (bf16 logits, at 0.6) is below the threshold."""
     from conftest import TINY_CONFIG, write_checkpoint
     from checkpoint import load_model
     model = load_model(write_checkpoint(tmp_path, TINY_CONFIG), 128, torch.bfloat16)
@@ -944,4 +945,7 @@ def test_sirius_in_bfloat16(tmp_path):
             z = model(torch.cat([prompt, torch.tensor(dense[:differ])]), 0)[-1].float()
             gap = abs(float(z[dense[differ]] - z[strict.tokens[differ]]))
             assert gap <= 4 * 2 ** -8 * float(z.abs().max()), f"not a near-tie at {differ}: {gap}"
-        assert sirius(model, prompt, 30, sparsity=sparsity, keep=0.25, period=4, width=width).aal > 1
+        periods = Trace()
+        lossy = sirius(model, prompt, 30, sparsity=sparsity, keep=0.25, period=4, width=width, on_period=periods)
+        assert lossy.aal > 1 and all(x >= 0.1 for p in periods for x in p.probs[:p.accepted])
+        assert all(p.probs[p.accepted] < 0.1 for p in periods if p.accepted < len(p.probs))
