@@ -4,17 +4,20 @@
 pass (plain decoding's one-token step, a chain's draft step, a tree's w-token draft step, the verification
 window) runs as a torch.compile'd graph on the model's static-shape path, and `capture_function` does the
 same for a device function (sirius_min.judge_period). The prefill stays eager: its length is the prompt's.
-With backend "inductor" the graphs are CUDA graphs (mode "reduce-overhead"), where a period's hundreds of
-kernels cost one launch each pass; any other backend ("aot_eager", or `InputLog` below) runs on a CPU,
-which is how the tests and `tests/gpu_check.sh --dry-run` prove what only a device could otherwise show.
+With backend "inductor" the graphs are CUDA graphs (mode "reduce-overhead"), meant to replay a pass's
+hundreds of kernels with one launch; any other backend ("aot_eager", or `InputLog` below) runs on a CPU,
+which is how the tests and `tests/gpu_check.sh --dry-run` check there what can be checked without a device
+(the wiring, recompiles, host reads, and the copies by the rule below; not a real CUDA graph replay).
 
 Why fixed addresses. A CUDA graph replays the kernels it recorded on the memory it recorded them with.
-A graph input that is a Parameter or a module buffer (torch.compile marks those static) is read in place;
+As torch's CUDA graph trees are written (read, not yet run here), a graph input that is a Parameter or a
+module buffer (torch.compile marks those static) is read in place;
 an input made by an earlier graph is read in place too; every other tensor input is first copied into the
 graph's own memory, on every replay. So everything a pass reads is kept where it was at capture: weights
-and the KV cache are the model's; a coarse request's slices are buffers allocated once per model
+and the KV cache are the model's; a coarse request's slices are buffers allocated once per model and k
 (sirius_min.CoarseMLP); a tree's masks go into one buffer per pass length, allocated here once. What is left
-to copy is a few hundred bytes: token ids, the position, RoPE positions, a tree's tokens and parents.
+to copy is about 16 bytes a node of the window (token ids, RoPE positions, a tree's tokens and parents) and
+the position: a few hundred bytes at K = 8, w = 4, about 2 KB at K = 16, w = 8.
 """
 import weakref
 
@@ -47,7 +50,7 @@ def capture(model, backend="inductor"):
 
 
 def capture_function(fn, backend="inductor"):
-    """A device function (no host reads: fullgraph=True fails on one) as a captured graph. Its outputs are
+    """A device function (no host reads: `host_reads` finds them, fullgraph=True does not) as a graph. Its outputs are
     cloned: a CUDA graph's outputs live in memory its next replay overwrites, and the next period's t0 is
     one of them."""
     compiled = torch.compile(fn, **compile_options(backend))

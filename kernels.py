@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 SPARSITIES = ("dense", "fine", "coarse")
 # fine_mlp on a CPU in fp32 gathers the kept rows while keep < GATHER_BELOW and masks the dense product from
-# there on: 0.55 gathers at the paper's f = 0.5. Where gathering stops paying is measured by bench.py's
-# bench_fine_plans, at SmolLM2's shape and a Llama-3-8B layer's (README, "Speed").
+# there on: 0.55 is a choice that gathers at the paper's f = 0.5. bench.py's bench_fine_plans measures
+# where gathering stops paying, at SmolLM2's shape and a Llama-3-8B layer's (README, "Speed").
 GATHER_BELOW = 0.55
 
 
@@ -83,10 +83,10 @@ def fine_mlp_reference(x, mlp, k):
 def fine_plan(x, k, D):
     """How fine_mlp reads the weights, and so which ideal (bytes) ratio it can reach (bench.mlp_bytes_ratio).
     "gather" (CPU fp32/fp64, where sampled_addmm exists): all of W_gate, the kept rows of W_up and W_down.
-    "gather_down" (CPU, other dtypes; bf16 measured 0.7-0.9 of mask): W_gate and W_up, W_down's kept rows.
+    "gather_down" (CPU, other dtypes, at every keep): W_gate and W_up whole, W_down's kept rows.
     "mask": every weight once, unkept neurons zeroed: the paper's density emulated at dense's cost or more.
-    Off the CPU (CUDA's embedding_bag walks all k rows for each output element: slow), inside a captured
-    graph, and on a CPU from GATHER_BELOW."""
+    Off the CPU (CUDA's embedding_bag, as its source reads, loops over all k rows for each output element),
+    inside a captured graph, and on a CPU in fp32/fp64 from GATHER_BELOW."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():    # sparse CSR is not traced: mask there
         return "mask"
     if x.dtype not in (torch.float32, torch.float64):
@@ -186,10 +186,10 @@ def param_count(cfg):
 
 
 def density(cfg, keep, sparsity):
-    """Parameters read per generated token / all parameters: the paper's accounting of a sparse model.
-    Attention, norms, embeddings and lm_head (once if tied) are dense and counted; only MLP rows are skipped:
-    coarse reads 3hk per layer, fine h*D (its dense gate) + 2hk, with k = n_kept(D, keep). Biases are
-    counted as read with their rows (they are tiny): all of b_gate for fine, the kept ones otherwise."""
+    """Parameters read per generated token / all parameters, by the paper's accounting: all but the skipped
+    MLP rows count as read, the whole embedding table too (once if tied; a token reads one row of an untied
+    one). The MLP reads 3hk a layer coarse, h*D (its dense gate) + 2hk fine, with k = n_kept(D, keep); biases
+    count with their rows (they are tiny): all of b_gate for fine, the kept ones otherwise."""
     if sparsity not in SPARSITIES:
         raise ValueError(f"unknown sparsity {sparsity!r}: expected one of {', '.join(SPARSITIES)}")
     if sparsity != "dense":

@@ -12,7 +12,7 @@ row, a node's position is pos + its depth, a mask says which slots it sees (the 
 and `move_kv` copies the chosen path's keys and values back to the slots of their positions.
 
 One layout: every matrix is stored (in, out) and applied as `x @ W` (HF's (out, in) transposed at load): a
-decode step's vector-matrix products stream long rows fastest, so q/k/v are fused into one (h, q+2kv) matrix,
+decode step's vector-matrix products read long contiguous rows, so q/k/v are fused into one (h, q+2kv) matrix,
 gate and up into one (h, 2D), the lm_head is (h, vocab), and a tied embedding is the lm_head's columns.
 """
 import math
@@ -211,7 +211,7 @@ class Llama(nn.Module):
         at = slots if positions is None else positions             # RoPE positions: by default, the slots
         eps = self.cfg.rms_norm_eps
         # No autograd on either path. Eager passes run in inference mode, the least work per op; the static
-        # path is meant for torch.compile, which cannot capture inference mode, so it runs under no_grad.
+        # path, meant for torch.compile (whose graphs have no per-op overhead to save), under no_grad.
         with torch.inference_mode(not static), torch.no_grad():
             cos, sin = self.cos[at], self.sin[at]                               # (T, hd)
             x = self.embed_tokens(tokens)                                       # (T, h)

@@ -6,7 +6,7 @@ KV cache. What this file needs of a model is `Model` below: model.py's Llama mee
 stand-in in tests/test_sirius.py. Read top to bottom: the contract, choosing a token, the sparse MLPs and the
 prefill, the metrics, plain decoding, then Sirius: the acceptance rules, drafting (a chain, or a tree of width
 w), one period, the loop. A period waits for the device once (one packed read-back), plain decoding once per
-token. graphs.capture(model) wraps a Llama so that every decode pass, and the judge, replays as a graph.
+token. graphs.capture(model) wraps a Llama so that every decode pass (greedy: the judge too) is a graph.
 """
 import time
 import weakref
@@ -30,7 +30,8 @@ class Model(Protocol):
     layer i's MLP. A tree passes each token's RoPE `positions` (T,) and a bool `mask` (T, start_pos+T).
     `move_kv(slots, start)` copies cached keys and values. `layers[i]` holds the MLP weights kernels.py reads
     (w_gate_up, w_down; optional biases, up_rows); `cfg` the config fields kernels.density counts. A model
-    may bring its own `judge` (graphs.py's: judge_period as a captured graph), used when decoding greedily."""
+    may bring its own `judge` (graphs.py's captured judge_period), used when greedy. Coarse sparsity keeps
+    one CoarseMLP per model in a WeakKeyDictionary: the model must be hashable and weak-referenceable."""
     cfg: Any
     max_seq_len: int
     layers: Sequence[Any]
@@ -91,7 +92,7 @@ def check_sampling(temperature, top_p, generator) -> Sampling:
 
 # --- the two sparse MLPs (drop-in for the model's MLP seam) ----------------------------------------
 class FineMLP:
-    """Fine-grained sparsity: every token, in every layer, keeps its own top-k neurons by |SiLU(gate)|."""
+    """Fine-grained sparsity: each step, in each layer, its own top-k neurons by |SiLU(gate)| (select_fine)."""
 
     def __init__(self, model, keep: float):
         self.layers, self.k = model.layers, n_kept(model.cfg.intermediate_size, keep)
@@ -103,8 +104,8 @@ class FineMLP:
 class CoarseMLP(torch.nn.Module):
     """Coarse-grained sparsity (GRIFFIN): neurons chosen once from the prompt (`select`: idx[i] in layer i),
     their weights sliced once; every sparse step is then a smaller dense MLP. The slices are buffers, 3·h·k
-    numbers a layer, made once per model and k (`_coarse_mlps`) and refilled in place by each request, so
-    that a captured graph reads them at the same address every time: one request at a time per model."""
+    numbers a layer, one set per model (`_coarse_mlps`; new when k changes), refilled in place by each
+    request, so that a captured graph reads them at the same address every time: one request at a time."""
 
     def __init__(self, model, k: int):
         super().__init__()
@@ -129,7 +130,7 @@ class CoarseMLP(torch.nn.Module):
     def forward(self, i, x):
         return dense_mlp(x, self.sliced[i])
 
-    __call__ = forward      # called 30 times a step: without nn.Module's hook machinery
+    __call__ = forward      # called once a layer, every pass: without nn.Module's hook machinery
 
 
 _coarse_mlps = weakref.WeakKeyDictionary()   # model -> its CoarseMLP (at the last request's k)
@@ -175,7 +176,7 @@ def clock(device):
 class Result:
     tokens: list                                  # generated ids (EOS included if it was generated)
     from_full: list                               # per token: did the full model supply it?
-    density: float = 1.0                          # parameters read per sparse step / all parameters
+    density: float = 1.0                          # kernels.density: the paper's share read per sparse step
     period: int = 1                               # K; 1 for plain decoding
     width: int = 1                                # tree width w (1: a chain of drafts)
     advances: list = field(default_factory=list)  # tokens gained by each full verification, a + 1
@@ -206,8 +207,8 @@ def average_advance_length(advances):
 
 
 def effective_density(density, period, aal):
-    """K-1 sparse steps plus one K-token full pass (costing about one dense step when decoding is
-    memory-bound), spread over the AAL tokens a period gains. The tree's width does not enter it."""
+    """K-1 sparse steps plus one full pass (counted as one dense step, as when decoding is memory-bound),
+    spread over the AAL tokens a period gains. A tree's wider passes (w and 1+(K-1)·w tokens) are not."""
     return ((period - 1) * density + 1) / aal
 
 
@@ -315,9 +316,9 @@ class Tree:
 
 def draft_tree(model, sparse_mlp, t0, pos, period, width, sampling: Sampling, keep_probs=False):
     """The sparse model drafts K-1 depths below t0, one pass per depth, each pass over the previous depth.
-    A chain (w = 1) appends the sparse model's chosen token (greedy or sampled). A tree keeps a beam: each of
-    the w nodes of a depth proposes its top-w children by log_softmax(z / 0.6), and of those w·w the w with
-    the highest cumulative log-probability become the next depth, best first."""
+    A chain (w = 1) appends the sparse model's chosen token (greedy or sampled). A tree keeps a beam: each
+    node of a depth (the root alone, then w) proposes its top-w children by log_softmax(z / 0.6), and of
+    those (w·w) the w with the highest cumulative log-probability become the next depth, best first."""
     N, device = 1 + (period - 1) * width, t0.device
     # A chain's parents (node j-1) and ancestors (nodes 0..j) are known up front; a tree's are filled below.
     flags = dict(dtype=torch.bool, device=device)
@@ -361,10 +362,9 @@ def root_to_leaf_paths(tree, period, width):
 # --- Sirius: one period -----------------------------------------------------------------------------
 def judge_period(logits, tree, *, period, width, rule, threshold, sampling):
     """The device part of a verification: which drafts pass, each path's a, the best path, the next token.
-    Fixed shapes and no host read, so the whole of it is one captured graph (graphs.py: torch.compile
-    takes it with fullgraph=True: a host read or a data-dependent shape would be an error). Returns
-    `packed` (chosen path, a, next token, the path's K-1 drafts: what the host reads), and for the rest of
-    the period the path (K,) and the next token on the device, each path's a (w,), and p_full."""
+    Fixed shapes and no host read (graphs.host_reads checks), so it is one captured graph (graphs.py). Returns
+    `packed` (the chosen path's index, a, the next token, the path's K-1 drafts: what the host reads), and
+    for the rest of the period the path (K,) and next token on the device, each path's a (w,), and p_full."""
     kept, p_full = keep_drafts(logits, tree.parent, tree.tokens, rule, threshold, sampling, tree.draft_probs)
     paths = root_to_leaf_paths(tree, period, width)                        # (w, K)
     accepted = longest_kept_prefix(kept[paths[:, 1:]])                     # (w,) a per path
@@ -383,13 +383,13 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
                   sampling=None, judge=judge_period, on_period=None):
     """One period: draft, verify every draft in one full-model pass, keep the best path, add one token.
 
-    t0 (a device tensor: the last emitted token, not yet in the cache) goes to slot pos, the drafts after it,
-    writing sparse keys and values; the full model's pass rewrites all those slots with its own. Of the w
-    paths the one with the longest kept prefix wins (ties: the likelier path); its nodes' keys and values move
-    to slots pos..pos+a (a chain's are already there). Returns (kept drafts, next token as int and as a
-    device tensor); the cache is then valid through t0 and the kept drafts, and the next period starts right
-    after them ("roll back"). `judge`: judge_period, or its captured graph. on_period, if given, is handed
-    what the period computed on the device (tracing.py reads it back for a trace)."""
+    t0 (a device tensor: the last emitted token, not yet in the cache) goes to slot pos, the drafts after it;
+    the sparse passes write keys and values for all but the deepest drafts, and the full model's pass
+    rewrites all those slots with its own. Of the w paths the one with the longest kept prefix wins (ties:
+    the likelier path); its nodes' keys and values move to slots pos..pos+a (a chain's are already there).
+    Returns (kept drafts, next token as int and as a device tensor); the cache is then valid through t0 and
+    the kept drafts, and the next period starts right after them ("roll back"). `judge`: judge_period or its
+    captured graph. on_period, if given, gets what the period computed on the device (tracing.py reads it)."""
     sampling = sampling or Sampling()
     rule = "threshold" if not strict else "argmax" if sampling.greedy else "speculative"
     tree = draft_tree(model, sparse_mlp, t0, pos, period, width, sampling, rule == "speculative")

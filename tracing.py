@@ -1,7 +1,7 @@
 """Sirius period by period: each verification read back from the device, and printed (`run.py --trace`).
 
 sirius_min.sirius(..., on_period=fn) hands fn, after each verification, what the period computed on the
-device: the tree, the full model's logits over it, each path's kept drafts, the chosen path. Nothing is read
+device: the tree, the full model's logits over it, each path's a (drafts kept), the chosen path. Nothing is read
 back unless someone asks, so the hot path keeps its one host sync a period; `Trace` asks, after every period.
 (Not named trace.py: that is a module of Python's standard library.)
 """
