@@ -2,14 +2,17 @@
 checked field by field, safetensors weights checked by name, kind, shape and finiteness, converted to
 model.py's (in, out) layout.
 
-The family is config.json's model_type, as transformers' Auto classes choose it (`architectures` only where
-model_type is absent). Every field of that family's transformers config that changes the logits is
-implemented or refused with its name (FAMILIES, ONLY); every tensor in the checkpoint is used or refused (a
-tensor nobody reads means an architecture this file does not implement). A problem the user can fix is a
-CheckpointError: one line, naming the file.
+The family is config.json's model_type, as transformers' Auto classes choose it. Where model_type is absent,
+AutoConfig would guess from the folder's name; this file reads `architectures` instead, its own choice.
+Every field of that family's transformers config that changes the logits is implemented or refused with its
+name (FAMILIES, ONLY). Every tensor in the checkpoint is used or refused (a tensor nobody reads means an
+architecture this file does not implement), but for two skipped as harmless: the RoPE frequencies older
+transformers saved (rotary_emb.inv_freq) and a tied model's lm_head.weight. A problem the user can fix is a
+CheckpointError: one line, naming the file or the folder.
 """
 import json
 import math
+import stat
 from pathlib import Path
 
 import torch
@@ -26,8 +29,12 @@ class CheckpointError(Exception):
 # change the logits:
 #  implemented, every family: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
 #    num_key_value_heads, head_dim, vocab_size, rms_norm_eps, tie_word_embeddings, rope_theta, and
-#    rope_parameters (transformers >= 5) or rope_scaling (older) of a type in ROPE_TYPES; absent ones take the
-#    family's transformers default (DEFAULTS).
+#    rope_parameters (transformers >= 5) or rope_scaling (older) of a type in ROPE_TYPES. hidden_size,
+#    intermediate_size, num_hidden_layers, num_attention_heads and vocab_size are required (refused when
+#    absent: transformers would take the sizes of a 7B or 8B model, which no other weights fit); the others,
+#    when absent, take the family's transformers default: DEFAULTS for num_key_value_heads and head_dim;
+#    rms_norm_eps 1e-6, rope_theta 10000 and tie_word_embeddings false in every family.
+#    A null num_key_value_heads is num_attention_heads, as in transformers.
 #  implemented, by family (FAMILIES): llama's attention_bias and mlp_bias; qwen3's attention_bias; the
 #    sliding window (mistral's sliding_window; qwen2's and qwen3's sliding_window where use_sliding_window
 #    and some layer slides, by layer_types or max_window_layers): a cache that reaches past it is refused,
@@ -35,8 +42,9 @@ class CheckpointError(Exception):
 #  refused (CheckpointError naming field and value): other RoPE types (dynamic, yarn, longrope, su, ...), a
 #    field of ONLY with a value not listed there, a layer_types entry that is not full or sliding attention,
 #    and any model_type but these four (gemma, phi, ...).
-#  not read, as transformers' class of that family does not read them (it fixes them in code): mistral's and
-#    qwen2's attention_bias and mlp_bias, qwen3's mlp_bias, mistral's layer_types (FAMILIES[...]["fixed"]).
+#  not read, as transformers' class of that family does not read them: mistral's and qwen2's attention_bias
+#    and mlp_bias, qwen3's mlp_bias (fixed in code: FAMILIES[...]["fixed"]); mistral's layer_types (its window
+#    rule, "mistral", reads sliding_window alone, as transformers' Mistral does).
 #  harmless: attention_dropout (training only), initializer_range, use_cache, pad/bos/eos_token_id,
 #    max_position_embeddings (the trained context), torch_dtype/dtype (weights load into the dtype asked),
 #    qwen's max_window_layers and layer_types where no layer slides, sliding_window where use_sliding_window
@@ -110,20 +118,22 @@ def config_from_hf(hf) -> LlamaConfig:
     def flag(name):
         if name in fixed:                   # the family's class does not read it
             return fixed[name]
-        if hf.get(name, False) not in (True, False):
+        if type(hf.get(name, False)) is not bool:   # (not `in (True, False)`: 1 == True)
             raise CheckpointError(f"{name} must be true or false, got {hf[name]!r}")
         return hf.get(name, False)
 
     h, n_heads, n_layers = num("hidden_size"), num("num_attention_heads"), num("num_hidden_layers")
     theta, scaling = rope_fields(hf)
+    # Absent: the family's default (Llama's is None); null: num_attention_heads, as every family's config does.
+    kv = hf["num_key_value_heads"] if "num_key_value_heads" in hf else defaults["num_key_value_heads"]
     cfg = LlamaConfig(hidden_size=h, intermediate_size=num("intermediate_size"),
               num_hidden_layers=n_layers, num_attention_heads=n_heads,
-              num_key_value_heads=num("num_key_value_heads", defaults["num_key_value_heads"] or n_heads),
+              num_key_value_heads=num("num_key_value_heads", given=n_heads if kv is None else kv),
               head_dim=num("head_dim", defaults["head_dim"] or h // n_heads),
               vocab_size=num("vocab_size"), rms_norm_eps=num("rms_norm_eps", 1e-6, (int, float)),
               rope_theta=num("rope_theta", 10000.0, (int, float), theta), rope_scaling=scaling,
               attention_bias=flag("attention_bias"), qkv_bias=flag("qkv_bias"), qk_norm=flag("qk_norm"),
-              mlp_bias=flag("mlp_bias"), tie_word_embeddings=hf.get("tie_word_embeddings") is True,
+              mlp_bias=flag("mlp_bias"), tie_word_embeddings=flag("tie_word_embeddings"),
               max_position_embeddings=num("max_position_embeddings", defaults["max_position_embeddings"]))
     cfg.sliding_window = sliding_window(hf, family, n_layers, num, flag)
     eos = hf.get("eos_token_id")
@@ -236,11 +246,29 @@ def read_json(path: Path):
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
+def is_regular_file(path: Path) -> bool:
+    """Whether a file of the folder is there: False if nothing is, a CheckpointError naming it if something
+    else is (a folder, a FIFO, a device, a dangling link), which a plain is_file() would report as absent."""
+    if path.is_file():
+        return True
+    if not path.is_symlink() and not path.exists():
+        return False
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: a dangling symbolic link") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+        "a socket" if stat.S_ISSOCK(mode) else "a device"
+    raise CheckpointError(f"{path}: not a regular file ({kind})")
+
+
 def read_config(model_dir) -> LlamaConfig:
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
         raise CheckpointError(f"model folder not found: {model_dir}")
-    if not path.is_file():
+    if not is_regular_file(path):
         raise CheckpointError(f"no config.json in {model_dir}")
     hf = read_json(path)                   # names the file in its own errors
     try:
@@ -252,14 +280,14 @@ def read_config(model_dir) -> LlamaConfig:
 def safetensors_files(model_dir: Path) -> dict:
     """HF tensor name -> the file holding it, for a single file or a sharded checkpoint."""
     index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
+    if is_regular_file(index):
         data = read_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index}: needs a 'weight_map' from tensor names to file names")
         return {name: model_dir / f for name, f in weight_map.items()}
     single = model_dir / "model.safetensors"
-    if not single.is_file():
+    if not is_regular_file(single):
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
     try:
         with safe_open(single, "pt") as f:
@@ -292,7 +320,7 @@ def load_model(model_dir, max_seq_len: int = 2048, dtype=torch.float32, device="
                 handles[files[name]] = safe_open(files[name], "pt")
             t = handles[files[name]].get_tensor(name)
         except (OSError, RuntimeError, SafetensorError) as e:   # unreadable, truncated or corrupt shard
-            raise CheckpointError(f"{model_dir}: cannot read weights ({e})") from None
+            raise CheckpointError(f"{files[name]}: cannot read weights ({e})") from None
         if t.dtype not in FLOATS:
             kind = str(t.dtype).removeprefix("torch.")
             raise CheckpointError(f"{model_dir}: tensor {name} has dtype {kind}: "

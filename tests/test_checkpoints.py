@@ -1,11 +1,14 @@
 """Loading Hugging Face folders: every folder transformers wrote under tests/checkpoints/ gives transformers'
 logits (or is refused naming what MANIFEST.json says), the loaded (in, out) layout, each config field and
-tensor implemented or refused (never ignored), and every bad folder reported as one CheckpointError.
+tensor implemented, refused, or listed as harmless (never silently ignored), and every bad folder reported as
+one CheckpointError.
 
 tests/checkpoints/ is made by hand with tests/reference/make_checkpoints.py (transformers' own
-save_pretrained and LlamaForCausalLM, fp32, eager attention); this file only reads it.
+save_pretrained and the class of each folder's model_type: LlamaForCausalLM, Qwen2ForCausalLM,
+Qwen3ForCausalLM, MistralForCausalLM; fp32, eager attention); this file only reads it.
 """
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -34,9 +37,9 @@ def test_the_fixture_folders_are_there():
 
 @pytest.mark.parametrize("variant", SUPPORTED, ids=[v["folder"] for v in SUPPORTED])
 def test_folder_gives_transformers_logits(variant):
-    """All logits of one pass, and of a second call that continues from the cache, as LlamaForCausalLM's
-    (fp32 both; relative to the logits' scale). For a scaled RoPE the error is also far below what
-    ignoring the scaling would cost, so the tolerance cannot hide it."""
+    """All logits of one pass, and of a second call that continues from the cache, as those of the
+    transformers class of the folder's model_type (fp32 both; relative to the logits' scale). For a scaled
+    RoPE the error is also far below what ignoring the scaling would cost, so the tolerance cannot hide it."""
     golden = json.loads((CHECKPOINTS / variant["folder"] / variant["golden"]).read_text())
     model = load_model(CHECKPOINTS / variant["folder"], max_seq_len=64)
     ids, split = torch.tensor(golden["ids"]), golden["cache_split"]
@@ -200,34 +203,39 @@ def test_bad_index_names_the_file(tmp_path, content):
 
 
 def test_bad_folders_and_weights(tmp_path):
-    """Missing or broken pieces of a folder: each a CheckpointError that says what is wrong and where."""
-    def fails(match):
-        with pytest.raises(CheckpointError, match=match):
+    """Missing or broken pieces of a folder: each a CheckpointError that says what is wrong and where (the
+    file, or the folder where no one file is at fault)."""
+    def fails(where, what):
+        with pytest.raises(CheckpointError) as err:
             load_model(tmp_path)
+        assert str(err.value).startswith(f"{where}: ") and re.search(what, str(err.value)), str(err.value)
 
-    with pytest.raises(CheckpointError, match="model folder not found"):
+    with pytest.raises(CheckpointError, match=f"^model folder not found: {re.escape(str(tmp_path / 'nope'))}$"):
         load_model(tmp_path / "nope")
-    fails("no config.json")
+    with pytest.raises(CheckpointError, match=f"^no config.json in {re.escape(str(tmp_path))}$"):
+        load_model(tmp_path)
     write_checkpoint(tmp_path, TINY_CONFIG, drop="model.layers.1.mlp.up_proj.weight")
-    fails(r"model.layers.1.mlp.up_proj.weight is missing")
+    fails(tmp_path, r"model.layers.1.mlp.up_proj.weight is missing")
     write_checkpoint(tmp_path, {**TINY_CONFIG, "intermediate_size": 48})
     (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))  # config disagrees with the weights
-    fails(r"gate_proj.weight has shape \(48, 32\), expected \(64, 32\)")
+    fails(tmp_path, r"gate_proj.weight has shape \(48, 32\), expected \(64, 32\)")
     write_checkpoint(tmp_path, TINY_CONFIG)
     tensors = load_file(tmp_path / "model.safetensors")
     tensors["model.norm.weight"][3] = float("nan")
     save_file(tensors, tmp_path / "model.safetensors")
-    fails("model.norm.weight holds NaN")
+    fails(tmp_path, "model.norm.weight holds NaN")
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
-    fails("cannot read")
+    fails(tmp_path / "model.safetensors", "cannot read safetensors")
     (tmp_path / "model.safetensors").unlink()
-    fails("no model.safetensors")
+    with pytest.raises(CheckpointError, match="^no model.safetensors or model.safetensors.index.json in "
+                                              f"{re.escape(str(tmp_path))}$"):
+        load_model(tmp_path)
     write_checkpoint(tmp_path, TINY_CONFIG, shards=2)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()                 # a shard the index names is gone
-    fails("cannot read weights")
+    fails(tmp_path / "model-00002-of-00002.safetensors", "cannot read weights")
 
 
-# --- config fields: implemented or refused, never ignored ---------------------------------------------------
+# --- config fields: implemented, refused, or listed as harmless, never silently ignored ----------------------
 
 REFUSED_FIELDS = {
     "gelu": ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
@@ -250,6 +258,7 @@ REFUSED_FIELDS = {
     "linear rope without a factor": ({"rope_parameters": {"rope_type": "linear"}},
                                      "rope_type linear needs positive factor"),
     "attention_bias a string": ({"attention_bias": "yes"}, "attention_bias must be true or false"),
+    "tie_word_embeddings a string": ({"tie_word_embeddings": "true"}, "tie_word_embeddings must be true or false"),
     "odd head_dim": ({"head_dim": 7}, "head_dim must be even"),
 }
 
@@ -405,12 +414,13 @@ def family_config(folder, **changes):
     return {k: v for k, v in config.items() if v is not None}
 
 
-def with_config(tmp_path, folder, **changes):
-    """A copy of a fixture folder with its config.json changed."""
+def with_config(tmp_path, folder, nulls=(), **changes):
+    """A copy of a fixture folder with its config.json changed, and the keys in `nulls` written as null."""
     copy = tmp_path / folder
     copy.mkdir(parents=True)
     (copy / "model.safetensors").symlink_to(CHECKPOINTS / folder / "model.safetensors")
-    (copy / "config.json").write_text(json.dumps(family_config(folder, **changes)))
+    config = {**family_config(folder, **changes), **dict.fromkeys(nulls)}
+    (copy / "config.json").write_text(json.dumps(config))
     return copy
 
 
@@ -469,9 +479,11 @@ def test_a_window_is_read_by_model_type_not_architectures(tmp_path):
 
 def test_family_defaults_and_fixed_fields(tmp_path):
     """Fields config.json leaves out take the family's transformers defaults; fields the family's class fixes
-    in code are not read (transformers' Mistral has no biases, whatever attention_bias says)."""
+    in code are not read (transformers' Mistral has no biases, whatever attention_bias says). The head
+    counts tell each default from the rule it could be mistaken for: hidden / heads (0 here) for qwen3's
+    head_dim, num_attention_heads for num_key_value_heads."""
     qwen3 = read_config(with_config(tmp_path / "a", "qwen3", head_dim=None, num_key_value_heads=None,
-                                    num_attention_heads=32))
+                                    num_attention_heads=64))
     assert (qwen3.head_dim, qwen3.num_key_value_heads, qwen3.qk_norm, qwen3.qkv_bias) == \
         (128, 32, True, False)
     q2 = read_config(CHECKPOINTS / "qwen2")
@@ -484,3 +496,16 @@ def test_family_defaults_and_fixed_fields(tmp_path):
     golden = json.loads((CHECKPOINTS / "mistral" / "golden.json").read_text())      # by its architectures
     assert rel_err(load_model(path, max_seq_len=40)(torch.tensor(golden["ids"]), 0),
                    torch.tensor(golden["logits"])) <= 1e-5
+
+
+@pytest.mark.parametrize("family, default", [("llama", None), ("mistral", 8), ("qwen2", 32), ("qwen3", 32)])
+def test_null_kv_heads_are_the_query_heads(tmp_path, family, default):
+    """num_key_value_heads absent is the family's transformers default (Llama's: num_attention_heads); null is
+    num_attention_heads in every family's transformers config, whatever that default is (64 heads here, a
+    multiple of every default, and none of them)."""
+    kv = {}
+    for how in ("absent", "null"):
+        path = with_config(tmp_path / how, "untied_mha" if family == "llama" else family, num_attention_heads=64,
+                           head_dim=8, num_key_value_heads=None, nulls=("num_key_value_heads",) * (how == "null"))
+        kv[how] = read_config(path).num_key_value_heads
+    assert kv == {"absent": default or 64, "null": 64}

@@ -1,12 +1,16 @@
 """Faults driven as a user meets them: a value out of range for every numeric flag, an input path of the
 wrong kind (a folder, a dangling link, a FIFO, the wrong JSON, bytes that are not UTF-8, a non-float
 checkpoint), output that cannot be written (/dev/full, a terminal gone, a read-only folder), signals during
-conversion, generation and eval, and first runs converting at once after a conversion killed with SIGKILL.
+generation and eval (during conversion: tests/test_convert.py), first runs converting at once after a
+conversion killed with SIGKILL, and the embedded model's cache damaged or raced.
 
-Each asserts the exit code, a single `error:` line or silence, no traceback and nothing half-written. A
-process costs a torch import (seconds on a busy machine), so checks that only need the parser and the loaders
-call run.main in-process; processes run where only a process shows it (signals, standard output, exit codes,
-races), several at once. The tiny random model stands in wherever the embedded one is not needed.
+A check of a run asserts its exit code, a single `error:` line or silence, no traceback and nothing
+half-written. A few call what lies below the command line instead, and assert what it gives and leaves: the
+ends of the flags' ranges in torch, and convert_gguf.default_model_dir on a damaged or raced cache. A process
+costs a torch import (seconds on a busy machine), so checks that only need the parser and the loaders call
+run.main or convert_gguf.main in-process; processes run where only a process shows it (signals, standard
+output, exit codes, races), several at once. The tiny random model stands in wherever the embedded one is not
+needed.
 """
 import io
 import json
@@ -210,16 +214,19 @@ def test_model_folder_files_of_the_wrong_kind(tiny_dir, tmp_path, name, capsys):
 
 
 def test_config_and_weights_of_the_wrong_kind(tiny_dir, tmp_path, capsys):
-    """config.json and the weights are checkpoint.py's: each wrong kind is one line naming what is wrong."""
+    """config.json and the weights are checkpoint.py's: each wrong kind is one line naming the file and what
+    is wrong with it, never "no config.json" or "no model.safetensors" for a file that is there."""
     model = tmp_path / "m"
     shutil.copytree(tiny_dir, model)
+    says = {**EXPECTED, "wrong JSON": "expected a JSON object"}
     for kind in wrong_kinds(model / "config.json"):
         err = error_of(["--model", str(model), "--prompt", "hi"], capsys)
-        assert "config.json" in err and EXPECTED.get(kind, "") in err, (kind, err)  # not "no config.json"
+        assert err.startswith(f"error: {model / 'config.json'}: {says[kind]}"), (kind, err)
     shutil.copy(tiny_dir / "config.json", model)
+    says = {**EXPECTED, "not UTF-8": "cannot read safetensors", "wrong JSON": "cannot read safetensors"}
     for kind in wrong_kinds(model / "model.safetensors"):
         err = error_of(["--model", str(model), "--prompt", "hi", "--max-new-tokens", "1"], capsys)
-        assert "model.safetensors" in err, (kind, err)
+        assert err.startswith(f"error: {model / 'model.safetensors'}: {says[kind]}"), (kind, err)
     for kind in wrong_kinds(tmp_path / "not-a-folder"):
         err = error_of(["--model", str(tmp_path / "not-a-folder")], capsys)
         assert ("no config.json" if kind == "folder" else "model folder not found") in err, (kind, err)
@@ -234,7 +241,8 @@ TEMPLATE_OUTCOMES = {
     "raises": ("{{ raise_exception('no system message') }}", "the chat template fails (TemplateError: no "),
     "reads an undefined name": ("{{ messages[5].content }}", "the chat template fails"),
     "rewrites the text": ("{{ messages[0].content | upper }}",
-                          "the chat template rewrites the messages' text"),
+                          "the chat template rewrites the messages' text, which sirius-min must find in the "
+                          "rendering to keep typed control tokens as text; use --no-chat"),
     "does not parse": ("{% for m in messages %}", "the chat template fails (TemplateSyntaxError"),
 }
 
@@ -356,16 +364,30 @@ def test_output_to_a_full_disk(tiny_dir):
 def test_output_to_a_terminal_that_is_gone(tiny_dir, monkeypatch, capsys, command):
     """A terminal whose window was closed (a pty whose other end is closed: EIO), with standard output as
     run.py wraps it from the shell: one error line, and what is left goes nowhere instead of failing again.
-    The demo fails at its first token (flushed), eval at the end (its report is buffered)."""
+    The demo fails at its first token (flushed with the header), eval at the end (its report is buffered):
+    each makes one write, the demo's one token past its header, eval's the whole report."""
     terminal, gone = os.openpty()
     os.close(terminal)
-    stdout = io.TextIOWrapper(io.BufferedWriter(run.Stdout(gone, "w", closefd=False)), "utf-8")
+    writes = []
+
+    class Recorded(run.Stdout):
+        def write(self, data):
+            writes.append(bytes(data))
+            return super().write(data)
+    stdout = io.TextIOWrapper(io.BufferedWriter(Recorded(gone, "w", closefd=False)), "utf-8")
     monkeypatch.setattr(sys, "stdout", stdout)
     try:
         err = error_of(command + ["--model", str(tiny_dir), "--max-new-tokens", "4"], capsys)
         assert err == "error: cannot write the output (Input/output error)\n"
+        assert len(writes) == 1, writes
+        if command[0] == "eval":
+            assert writes[0].startswith(b"\n1 questions") and b"\nmethod " in writes[0], writes
+        else:  # the character-level tokenizer: one token is one character (two bytes if escaped: \\r)
+            header = b"prompt: hi\n\n--- dense ---\n"
+            assert writes[0].startswith(header) and 1 <= len(writes[0]) - len(header) <= 2, writes
         stdout.write("what is left")
         stdout.flush()
+        assert len(writes) == 2 and writes[1].endswith(b"what is left")  # into /dev/null, not failing again
     finally:
         os.close(gone)
 
@@ -416,8 +438,9 @@ def test_signals_during_generation_and_eval(tiny_dir, tmp_path):
 
 def test_first_runs_at_once_after_a_killed_conversion(tmp_path):
     """A conversion killed with SIGKILL mid-write leaves its temporary folder; then two first runs start at
-    once on that cache, run.py and convert_gguf.py: both convert, one folder wins, both succeed, and no
-    temporary folder is left."""
+    once on that cache, run.py and convert_gguf.py: both convert (the conversion takes seconds longer than
+    run.py takes to reach its check of the cache), one folder wins, both succeed, and no temporary folder is
+    left."""
     from test_convert import start_slow_writer  # convert_gguf.py writing (fake GGUF) until killed
 
     cache = tmp_path / "cache"
@@ -433,7 +456,7 @@ def test_first_runs_at_once_after_a_killed_conversion(tmp_path):
     for proc, says in zip(firsts, (b"--- dense ---", f"{model_dir}\n".encode())):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and says in out, err
-        assert err.decode() in ("", f"sirius-min: converting the embedded GGUF once into {model_dir} ...\n")
+        assert err.decode() == f"sirius-min: converting the embedded GGUF once into {model_dir} ...\n"
     assert [p.name for p in cache.iterdir()] == [model_dir.name] and convert_gguf._is_converted(model_dir)
 
 

@@ -119,6 +119,21 @@ def test_typed_control_tokens_stay_text(smollm_tok, smollm_dir, golden_tokenizer
     assert tok.decode(ids, skip_special_tokens=False) == rendered
 
 
+def test_message_text_is_stripped_unlike_transformers(smollm_tok, tmp_path):
+    """The second difference from transformers (folder.py's docstring): each message's text is stripped before
+    rendering, so with a template that does not trim it, "Hi\n" is prompted as "Hi", where transformers keeps
+    the newline; with a template that trims, the ids are transformers'."""
+    messages = folder.few_shot("Hi\n")
+    ids = lambda text: smollm_tok.encode(text, add_special_tokens=False).ids  # noqa: E731
+    plain = prompting_for(tmp_path / "plain", smollm_tok,
+                          chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    assert folder.render(plain, messages) == "[Hi\n]"                      # transformers' text: the newline kept
+    assert folder.chat_ids(smollm_tok, plain, messages) == ids("[Hi]") != ids("[Hi\n]")
+    trims = prompting_for(tmp_path / "trims", smollm_tok,
+                          chat_template="{% for m in messages %}[{{ m['content'] | trim }}]{% endfor %}")
+    assert folder.chat_ids(smollm_tok, trims, messages) == ids(folder.render(trims, messages)) == ids("[Hi]")
+
+
 # --- BOS exactly once ------------------------------------------------------------------------------
 
 WORDS = ["[UNK]", "<s>", "</s>", "hello", "world", "<", "s", ">"]

@@ -91,9 +91,9 @@ REFUSED_CONFIG = {
     "refused_gelu": (dict(hidden_act="gelu"), "hidden_act gelu instead of silu", ["hidden_act", "gelu"]),
     "refused_pretraining_tp": (dict(pretraining_tp=2), "pretraining_tp 2", ["pretraining_tp"]),
 }
-# Llama's relatives, on BASE's shape: name: (config class, changes to BASE, what it exercises). WINDOW is
-# larger than every cache the tests load these folders with, so within it they are Llamas: the window
-# fixtures check that the window is read, and the tests that a cache past it is refused.
+# Llama's relatives, on BASE's shape: name: (config class, changes to BASE, what it exercises). WINDOW is at
+# least as large as every cache the tests run these folders in (64 slots at most), so within it they are
+# Llamas: the window fixtures check that the window is read, and the tests that a cache past it is refused.
 WINDOW = 64
 FAMILIES = {
     "qwen2": (Qwen2Config, {}, "Qwen2: random non-zero biases on q, k and v, none on o; untied; "
