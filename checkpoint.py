@@ -50,6 +50,7 @@ class CheckpointError(Exception):
 #    qwen's max_window_layers and layer_types where no layer slides, sliding_window where use_sliding_window
 #    is false.
 ROPE_TYPES = ("default", "linear", "llama3")
+QUANTIZED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")   # GPTQ's and AWQ's, in place of a layer's weight
 RESCALE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                                    "original_max_position_embeddings")}
 ONLY = {"hidden_act": ("silu", "swish"),       # the MLP is SwiGLU (transformers' "swish" is the same SiLU)
@@ -309,6 +310,10 @@ def load_model(model_dir, max_seq_len: int = 2048, dtype=torch.float32, device="
     model = Llama(cfg, max_seq_len, device=device, dtype=dtype)
     views, handles = hf_views(model), {}
     unused = sorted(n for n in files if n not in views and not unused_but_harmless(n, cfg))
+    quantized = [n for n in unused if n.rsplit(".", 1)[-1] in QUANTIZED_TENSORS]
+    if quantized:                      # a quantized checkpoint whose config.json lacks its quantization_config
+        raise CheckpointError(f"{model_dir}: tensor {quantized[0]} is a quantized layer's (GPTQ/AWQ style): "
+                              "quantized checkpoints are not supported")
     if unused:
         more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
         raise CheckpointError(f"{model_dir}: tensor {unused[0]}{more} is not used by a Llama of this config")

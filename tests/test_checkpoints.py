@@ -233,6 +233,12 @@ def test_bad_folders_and_weights(tmp_path):
     write_checkpoint(tmp_path, TINY_CONFIG, shards=2)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()                 # a shard the index names is gone
     fails(tmp_path / "model-00002-of-00002.safetensors", "cannot read weights")
+    write_checkpoint(tmp_path, TINY_CONFIG)                # GPTQ tensors, without a quantization_config
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.qweight"] = torch.zeros(4, 64, dtype=torch.int32)
+    tensors["model.layers.0.mlp.up_proj.scales"] = torch.ones(1, 64, dtype=torch.float16)
+    save_file(tensors, tmp_path / "model.safetensors")
+    fails(tmp_path, r"tensor model.layers.0.mlp.up_proj.qweight is a quantized layer's .*not supported")
 
 
 # --- config fields: implemented, refused, or listed as harmless, never silently ignored ----------------------
