@@ -5,10 +5,12 @@
     python tests/gpu_check.py bench [--dry-run] [--compile]    # the Llama-3-8B-shape bench (bench.py)
     python tests/gpu_check.py capture [--dry-run] [--smollm2]  # every captured graph: bytes copied per replay
 
-The dry run is what CI runs: every step's code on the CPU, with a 2-layer stand-in for the 8B shape, a few
-tokens, and torch.compile's "aot_eager" backend instead of Inductor's CUDA graphs, so that no import or
-wiring error can reach a device. What only a device shows (times, Triton kernels, CUDA-graph replays) it
-cannot.
+The dry run (CI runs it through gpu_check.sh --dry-run) runs the aal, bench and capture steps on the CPU in
+fp32, to catch import and wiring errors in their code before a device run: aal on the full SmolLM2-135M with
+one question and 16 tokens; bench on a 2-layer stand-in for the 8B shape, with --compile through
+torch.compile's "aot_eager" backend instead of Inductor's CUDA graphs; capture on that stand-in through
+graphs.InputLog. prerequisites ignores --dry-run: it checks the machine it runs on. What only a device shows
+(times, Triton kernels, CUDA-graph replays) the dry run cannot.
 """
 import argparse
 import json
@@ -94,7 +96,8 @@ def small_shape():
 
 def bench_8b(dry_run, aals_path, compile):
     """bench.bench_llama3_8b, eager or with every pass captured; AALs from the `aal` step's file (none if
-    that step failed: the bench then times the parts and projects nothing)."""
+    that step failed: the bench then still times the parts, and projects only with the paper's AAL, which
+    it has for coarse w = 8 at K = 16, so that a dry run, at widths 1 and 2, projects nothing)."""
     device, dtype, widths, backend = where(dry_run)
     text = Path(aals_path).read_text() if aals_path and Path(aals_path).exists() else ""
     aals = {int(w): a for w, a in json.loads(text).items()} if text else {}

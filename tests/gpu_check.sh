@@ -4,19 +4,25 @@
 #   bash tests/gpu_check.sh [OUT_FILE]              # on a CUDA GPU; OUT_FILE: default gpu_check.txt
 #   bash tests/gpu_check.sh --dry-run [OUT_FILE]    # the same steps on a CPU, tiny shapes (CI runs this)
 #
-# Steps, in bf16 where a model is involved: the prerequisites of Inductor's CUDA graphs (one line each); the
-# CUDA tests (tests/test_cuda.py) that need no compiling; the demo; every captured graph and the bytes it
-# would copy per replay (tests/gpu_check.py capture); AALs measured on SmolLM2 for the bench's projection;
-# the Llama-3-8B-shape bench (32 layers, random bf16 weights built on the GPU, 16 GB; about 22 GB at peak);
+# Steps: the prerequisites of Inductor's CUDA graphs (one line each); the CUDA tests (tests/test_cuda.py,
+# fp32 and bf16) that need no compiling; the demo; every captured graph and the bytes it would copy per replay
+# (tests/gpu_check.py capture); AALs measured on SmolLM2 for the bench's projection; the Llama-3-8B-shape
+# bench (32 layers, random bf16 weights built on the GPU, 16 GB of them; the step prints its peak memory);
 # then, in one step with its own 300 s (cold compiles), the compiled CUDA tests and the 8B-shape bench with
-# every decode pass captured. Each step has its own time limit and all of them stay under 8 minutes, so a
-# hang costs only its step; a failed step does not stop the others. Everything each step prints is appended
-# to OUT_FILE under the command that printed it, after the GPU's name, torch's version and the date, with
-# TORCH_LOGS=recompiles,perf_hints (recompiles, CUDA-graph skips); the end lists PASS or FAIL per step.
-# The dry run runs each step's code on the CPU: the CUDA tests collected (imports), the demo and the AALs
-# with a few tokens, the bench and the capture table at a 2-layer stand-in shape, compiled with torch.compile's
-# "aot_eager" backend. Exit status: 0 if every step passed, 1 if one failed, 2 if there is no CUDA device
-# (real run) or the arguments are wrong. PYTHON=... picks the interpreter (default: python).
+# every decode pass captured. Outside the CUDA tests every model runs in bf16. Each step has its own time
+# limit and all of them stay under 8 minutes, so a hang costs only its step. A failed step does not stop the
+# others, except that a failed prerequisites step skips the compiled one (recorded as FAIL: not run).
+# Everything each step prints is appended to OUT_FILE under the command that printed it, after the GPU's
+# name, torch's version and the date, with TORCH_LOGS=recompiles,perf_hints (recompiles, CUDA-graph skips);
+# the end lists PASS or FAIL per step.
+# The dry run runs on the CPU, in fp32, what of these steps a CPU can, to catch import and wiring errors
+# before a device run: not the prerequisites; tests/test_cuda.py collected only (its imports, not its test
+# bodies); the demo and the AALs on the full SmolLM2-135M with a few tokens; the capture table on a 2-layer
+# stand-in of the 8B shape, through graphs.InputLog; the bench at that stand-in shape, eager and then compiled
+# with torch.compile's "aot_eager" backend instead of Inductor. The CUDA tests' bodies, Triton kernels,
+# CUDA-graph replays and times only a device run exercises. Exit status: 0 if every step passed, 1 if one
+# failed, 2 if there is no CUDA device (real run) or the arguments are wrong. PYTHON=... picks the interpreter
+# (default: python).
 set -u
 DRY=0
 if [[ ${1:-} == --dry-run ]]; then DRY=1; shift; fi

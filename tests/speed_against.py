@@ -3,10 +3,13 @@
     python tests/speed_against.py REV [--rounds 6] [--tokens 48]
 
 REV is checked out into a temporary git worktree. Each round runs the same requests (SmolLM2-135M, fp32, one
-thread, the demo prompt; dense, coarse and fine plain decoding, fine and coarse Sirius) once in each checkout,
-in a fresh process each, alternating which goes first, so the machine's noise falls on both alike. Prints,
-per method, the median ms/token of each and new / old (below 1: this checkout is faster), and whether both
-gave the same tokens. Uses only generate(), sirius() and checkpoint.load_model, which both must have.
+thread; the demo's question, run.py's DEMO_PROMPT copied here, encoded as raw text: no chat template, no
+few-shot examples; dense, coarse and fine plain decoding, fine and coarse Sirius) once in each checkout, in a
+fresh process each, alternating which goes first, so the machine's noise falls on both alike. Prints, per
+method, the median ms/token of each and new / old (below 1: this checkout is faster), and whether both gave the
+same tokens. Uses only sirius_min's generate() and sirius(), checkpoint.load_model,
+convert_gguf.default_model_dir and the tokenizers package reading the folder's tokenizer.json, which both
+checkouts must have.
 """
 import argparse
 import json
