@@ -1,6 +1,7 @@
 """The measurements: `python run.py eval` (accuracy, AAL, effective density: the paper's Table 2 columns)
 and `python run.py bench` (decode speed beside the ideal bytes-read ratios, and Sirius's cost projected at
-the Llama-3-8B shape, or one layer of it where the memory is short, from measured parts). Accuracy and speed
+the Llama-3-8B shape on a GPU that holds it, else one layer of it (--quick: a small stand-in), from
+measured parts). Accuracy and speed
 share this file, the command line and the generation code (bench decodes greedily, eagerly, EOS ignored).
 """
 import json
@@ -81,7 +82,8 @@ def load_gsm8k(path):
 
 
 def extract_number(text):
-    """The answer a model gave: the last number after its last '####' if it wrote one, else the last number."""
+    """The answer a model gave: the last number after its last '####' (None if none follows it); with no
+    '####', the last number in its text."""
     numbers = re.findall(r"-?\d+(?:\.\d+)?", text.split("####")[-1].replace(",", ""))
     return float(numbers[-1]) if numbers else None
 
@@ -432,8 +434,8 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     appears only for the (sparsity, w, K = 16) it was measured at. Ideals: "density" is the paper's
     accounting (kernels.density); "plan" the share of all weights this code's plan reads in a step.
     compile (True, or a torch.compile backend's name): every decode pass and the period's judge replayed as
-    captured graphs (graphs.capture; fine left out to save compilations): the one-token steps after 3
-    untimed runs (compiling, recording), the period's parts after one, as eagerly.
+    captured graphs (graphs.capture; fine left out to save compilations): the one-token steps after 4
+    untimed runs (3 to compile and record, then timer's), the period's parts after one, as eagerly.
     """
     dev, cfg, aals = torch.device(device), cfg or llama3_8b_config(), aals or {}
     if dev.type == "cuda":
@@ -525,7 +527,7 @@ def bench(args):
     print(f"{args.threads} thread(s), {dtype}, f = {f}, K = {args.period}, {rule}, "
           f"widths {args.width}; {n} tokens per run, EOS ignored so every run decodes the same length")
     gb = kernels.param_count(cfg) * model.lm_head.element_size() / 1e9
-    print(f"\n1. end-to-end decode, {Path(args.model).name} ({gb:.2f} GB of weights; GB/s = density x all "
+    print(f"\n1. end-to-end decode, {Path(args.model).name} ({gb:.2f} GB of weights; GB/s = ideal x all "
           f"weights, per token / time; ideal = density, or effective density for Sirius)")
     rows, aals = decode_rows(model, prompt, n, args, rounds)
     print_table(["method", "ms/token", "ratio to dense", "ideal", "ratio / ideal", "AAL", "GB/s"], rows)

@@ -1,8 +1,8 @@
 """Turn a llama.cpp GGUF of a SmolLM2-family Llama into a Hugging Face-style model folder.
 
 Only what SmolLM2's GGUFs hold is accepted: the llama architecture, a gpt2 (byte-level BPE)
-tokenizer with the smollm pre-tokenizer, and no rope_freqs table (llama3 RoPE scaling);
-anything else is refused, not guessed at.
+tokenizer with the smollm pre-tokenizer, RoPE over whole heads with no scaling (no rope_freqs table,
+no llama.rope.scaling.* keys); anything else among these is refused, not guessed at.
 
 The folder holds config.json, an fp32 model.safetensors with HF tensor names, a
 tokenizer.json, and the GGUF's prompt format as a Hugging Face folder states it
@@ -229,8 +229,14 @@ def read_config(reader) -> dict:
     arch = field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"architecture is {arch!r}, only 'llama' is supported")
+    for key in reader.fields:          # RoPE scaling (linear, yarn, ...), which config.json would not say
+        if key.startswith("llama.rope.") and key not in ("llama.rope.freq_base", "llama.rope.dimension_count"):
+            raise ValueError(f"{key} {field(reader, key)!r}: RoPE scaling is not supported")
     hidden = field(reader, "llama.embedding_length")
     n_heads = field(reader, "llama.attention.head_count")
+    head_dim = field(reader, "llama.attention.key_length", hidden // n_heads)
+    if field(reader, "llama.rope.dimension_count", head_dim) != head_dim:
+        raise ValueError("llama.rope.dimension_count: RoPE over part of each head is not supported")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -239,7 +245,7 @@ def read_config(reader) -> dict:
         "num_hidden_layers": field(reader, "llama.block_count"),
         "num_attention_heads": n_heads,
         "num_key_value_heads": field(reader, "llama.attention.head_count_kv", n_heads),
-        "head_dim": field(reader, "llama.attention.key_length", hidden // n_heads),
+        "head_dim": head_dim,
         "rms_norm_eps": field(reader, "llama.attention.layer_norm_rms_epsilon"),
         "rope_theta": field(reader, "llama.rope.freq_base", 10000.0),
         "max_position_embeddings": field(reader, "llama.context_length"),

@@ -11,13 +11,13 @@ which is how the tests and `tests/gpu_check.sh --dry-run` check there what can b
 
 Why fixed addresses. A CUDA graph replays the kernels it recorded on the memory it recorded them with.
 As torch's CUDA graph trees are written (read, not yet run here), a graph input that is a Parameter or a
-module buffer (torch.compile marks those static) is read in place;
-an input made by an earlier graph is read in place too; every other tensor input is first copied into the
-graph's own memory, on every replay. So everything a pass reads is kept where it was at capture: weights
-and the KV cache are the model's; a coarse request's slices are buffers allocated once per model and k
-(sirius_min.CoarseMLP); a tree's masks go into one buffer per pass length, allocated here once. What is left
-to copy is about 16 bytes a node of the window (token ids, RoPE positions, a tree's tokens and parents) and
-the position: a few hundred bytes at K = 8, w = 4, about 2 KB at K = 16, w = 8.
+module buffer (torch.compile marks those static) is read in place; an input made by an earlier graph is
+read in place too; every other tensor input is first copied into the graph's own memory, on every replay.
+So everything a pass reads is kept where it was at capture: weights and the KV cache are the model's; a
+coarse request's slices are buffers allocated once per model (again when k changes: sirius_min.CoarseMLP);
+a tree's masks go into one buffer per pass length, allocated here once. What is left to copy is about 16
+bytes a node of the window (token ids, RoPE positions, a tree's tokens and parents) and the position: a few
+hundred bytes at K = 8, w = 4, about 2 KB at K = 16, w = 8.
 """
 import weakref
 

@@ -211,7 +211,7 @@ class Llama(nn.Module):
         at = slots if positions is None else positions             # RoPE positions: by default, the slots
         eps = self.cfg.rms_norm_eps
         # No autograd on either path. Eager passes run in inference mode, the least work per op; the static
-        # path, meant for torch.compile (whose graphs have no per-op overhead to save), under no_grad.
+        # path, meant for torch.compile, under no_grad alone (inference mode there is neither needed nor tested).
         with torch.inference_mode(not static), torch.no_grad():
             cos, sin = self.cos[at], self.sin[at]                               # (T, hd)
             x = self.embed_tokens(tokens)                                       # (T, h)

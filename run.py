@@ -64,7 +64,7 @@ RULES = [
     (lambda a: a.compile and a.device == "cpu", "--compile is for CUDA: it captures CUDA graphs (--device "
      "cuda); on a CPU the eager path is the one this project measures and tunes"),
     (lambda a: 0 < a.temperature < 0.01, "--temperature: 0 (greedy) or at least 0.01 (below, sampling is "
-     "greedy in all but name: softmax(logits / T) is one-hot)"),
+     "greedy in all but name: softmax(logits / T) is one-hot but for near-ties)"),
     (lambda a: a.temperature > 0 and runs_sirius(a)
      and max([a.width] if a.command == "demo" else a.width) > 1,
      "sampling drafts a chain: --width 1 with --temperature > 0 (sampling from a tree is another algorithm)"),

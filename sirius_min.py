@@ -208,7 +208,7 @@ def average_advance_length(advances):
 
 def effective_density(density, period, aal):
     """K-1 sparse steps plus one full pass (counted as one dense step, as when decoding is memory-bound),
-    spread over the AAL tokens a period gains. A tree's wider passes (w and 1+(K-1)·w tokens) are not."""
+    spread over the AAL tokens a period gains. The width does not enter: a tree's passes count as a chain's."""
     return ((period - 1) * density + 1) / aal
 
 
@@ -318,7 +318,7 @@ def draft_tree(model, sparse_mlp, t0, pos, period, width, sampling: Sampling, ke
     """The sparse model drafts K-1 depths below t0, one pass per depth, each pass over the previous depth.
     A chain (w = 1) appends the sparse model's chosen token (greedy or sampled). A tree keeps a beam: each
     node of a depth (the root alone, then w) proposes its top-w children by log_softmax(z / 0.6), and of
-    those (w·w) the w with the highest cumulative log-probability become the next depth, best first."""
+    those (w, then w·w) the w with the highest cumulative log-probability become the next depth, best first."""
     N, device = 1 + (period - 1) * width, t0.device
     # A chain's parents (node j-1) and ancestors (nodes 0..j) are known up front; a tree's are filled below.
     flags = dict(dtype=torch.bool, device=device)

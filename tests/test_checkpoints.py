@@ -204,7 +204,7 @@ def test_bad_index_names_the_file(tmp_path, content):
 
 def test_bad_folders_and_weights(tmp_path):
     """Missing or broken pieces of a folder: each a CheckpointError that says what is wrong and where (the
-    file, or the folder where no one file is at fault)."""
+    file where one cannot be read, else the folder)."""
     def fails(where, what):
         with pytest.raises(CheckpointError) as err:
             load_model(tmp_path)

@@ -153,19 +153,23 @@ def bad_ggufs(tmp_path_factory):
     with open(convert_gguf.find_default_gguf(), "rb") as f:
         (d / "truncated.gguf").write_bytes(f.read(1 << 20))
     _write_tiny_gguf(d / "gpt2.gguf", arch="gpt2")
+    _write_tiny_gguf(d / "scaled.gguf", arch="llama", extra={"llama.rope.scaling.type": "linear"})
     return {
         "missing": d / "does-not-exist.gguf",
         "random": d / "random.gguf",
         "truncated": d / "truncated.gguf",
         "not llama": d / "gpt2.gguf",
+        "rope scaling": d / "scaled.gguf",
     }
 
 
-def _write_tiny_gguf(path, arch):
-    """A well-formed GGUF that is simply not a Llama."""
+def _write_tiny_gguf(path, arch, extra=None):
+    """A well-formed GGUF that is simply not a Llama, or (extra: string metadata) not one this converts."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
+    for key, value in (extra or {}).items():
+        w.add_string(key, value)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -173,7 +177,7 @@ def _write_tiny_gguf(path, arch):
     w.close()
 
 
-BAD = ["missing", "random", "truncated", "not llama"]
+BAD = ["missing", "random", "truncated", "not llama", "rope scaling"]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -183,6 +187,8 @@ def test_convert_rejects_bad_gguf_in_one_line(bad_ggufs, tmp_path, kind):
         convert_gguf.convert(bad_ggufs[kind], out)
     message = str(err.value)
     assert str(bad_ggufs[kind]) in message
+    if kind == "rope scaling":                  # refused for that, before the metadata it lacks
+        assert message.endswith("llama.rope.scaling.type 'linear': RoPE scaling is not supported")
     assert "\n" not in message
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temp folder left behind either

@@ -195,7 +195,7 @@ def tree_passes(model, prompt, tokens, backend, period=8, width=4):
     for nodes in depths + [range(0, n)]:
         args = sirius_min.tree_pass_args(sees, pos, nodes, depth, width)
         # Only masked passes are forced: the root's one-token pass has no mask and grouped heads, which
-        # the memory-efficient kernel does not take; SDPA picks a kernel that does (flash, or math in fp32).
+        # the memory-efficient kernel does not take; SDPA is expected to pick flash (math in fp32): not observed.
         with sdpa_kernel(backend) if "mask" in args else contextlib.nullcontext():
             out.append(model(tokens[nodes.start:nodes.stop], pos + nodes.start, **args))
     return torch.cat(out).float()

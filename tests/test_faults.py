@@ -438,9 +438,9 @@ def test_signals_during_generation_and_eval(tiny_dir, tmp_path):
 
 def test_first_runs_at_once_after_a_killed_conversion(tmp_path):
     """A conversion killed with SIGKILL mid-write leaves its temporary folder; then two first runs start at
-    once on that cache, run.py and convert_gguf.py: both convert (the conversion takes seconds longer than
-    run.py takes to reach its check of the cache), one folder wins, both succeed, and no temporary folder is
-    left."""
+    once on that cache, run.py and convert_gguf.py: at least one converts (usually both: the conversion takes
+    seconds longer than run.py takes to reach its check of the cache, but a slow start may find it done),
+    one folder wins, both succeed, and no temporary folder is left."""
     from test_convert import start_slow_writer  # convert_gguf.py writing (fake GGUF) until killed
 
     cache = tmp_path / "cache"
@@ -453,10 +453,13 @@ def test_first_runs_at_once_after_a_killed_conversion(tmp_path):
     firsts = [start(["--prompt", "Hi", "--sparsity", "dense", "--max-new-tokens", "2"], env=env),
               subprocess.Popen([sys.executable, "convert_gguf.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)]  # the other entry point that converts on first use
+    converted = 0
     for proc, says in zip(firsts, (b"--- dense ---", f"{model_dir}\n".encode())):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and says in out, err
-        assert err.decode() == f"sirius-min: converting the embedded GGUF once into {model_dir} ...\n"
+        assert err.decode() in ("", f"sirius-min: converting the embedded GGUF once into {model_dir} ...\n")
+        converted += err != b""
+    assert converted >= 1
     assert [p.name for p in cache.iterdir()] == [model_dir.name] and convert_gguf._is_converted(model_dir)
 
 
