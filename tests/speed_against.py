@@ -1,13 +1,14 @@
 """Eager CPU decoding speed of this checkout against another revision, measured in one run.
 
-    python tests/speed_against.py REV [--rounds 6] [--tokens 48]
+    python tests/speed_against.py REV [--rounds 6] [--tokens 48] [--reps 3] [--methods 'sirius fine' ...]
 
 REV is checked out into a temporary git worktree. Each round runs the same requests (SmolLM2-135M, fp32, one
 thread; the demo's question, run.py's DEMO_PROMPT copied here, encoded as raw text: no chat template, no
-few-shot examples; dense, coarse and fine plain decoding, fine and coarse Sirius) once in each checkout, in a
-fresh process each, alternating which goes first, so the machine's noise falls on both alike. Prints, per
-method, the median ms/token of each and new / old (below 1: this checkout is faster), and whether both gave the
-same tokens. Uses only sirius_min's generate() and sirius(), checkpoint.load_model,
+few-shot examples; dense, coarse and fine plain decoding, fine and coarse Sirius) in each checkout, in a
+fresh process each, alternating which goes first, so the machine's noise falls on both alike; a process times
+each method `--reps` times after a warm-up and keeps the fastest. Prints, per method, the median over rounds
+of each, new / old (below 1: this checkout is faster) with the range of the rounds' paired ratios, and
+whether both gave the same tokens. Uses only sirius_min's generate() and sirius(), checkpoint.load_model,
 convert_gguf.default_model_dir and the tokenizers package reading the folder's tokenizer.json, which both
 checkouts must have.
 """
@@ -40,14 +41,14 @@ out = {{}}
 for method, sparsity in {methods!r}:
     run = getattr(sirius_min, method)
     run(model, prompt, 8, sparsity=sparsity)                                     # warm-up
-    res = run(model, prompt, {tokens}, sparsity=sparsity)
-    out[method + " " + sparsity] = [res.ms_per_token, res.tokens]
+    results = [run(model, prompt, {tokens}, sparsity=sparsity) for _ in range({reps})]
+    out[method + " " + sparsity] = [min(r.ms_per_token for r in results), results[0].tokens]   # the least noisy
 print(json.dumps(out))
 """
 
 
-def measure(checkout, cache, tokens):
-    code = CHILD.format(prompt=PROMPT, methods=METHODS, tokens=tokens)
+def measure(checkout, cache, tokens, methods, reps):
+    code = CHILD.format(prompt=PROMPT, methods=methods, tokens=tokens, reps=reps)
     env = {**os.environ, "SIRIUS_MIN_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -60,7 +61,11 @@ def main():
     p.add_argument("rev", help="the revision to compare with (a commit, a tag, a branch)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--reps", type=int, default=3, help="timed runs of a method in a process (the fastest counts)")
+    p.add_argument("--methods", nargs="+", choices=[f"{m} {s}" for m, s in METHODS], metavar="'METHOD SPARSITY'",
+                   help="only these, e.g. 'sirius fine' (default: all five)")
     args = p.parse_args()
+    methods = [m for m in METHODS if args.methods is None or f"{m[0]} {m[1]}" in args.methods]
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.rev], check=True)
@@ -70,18 +75,20 @@ def main():
             for r in range(args.rounds):
                 order = [("old", old), ("new", ROOT)][:: 1 if r % 2 == 0 else -1]
                 for name, checkout in order:
-                    runs[name].append(measure(checkout, caches[name], args.tokens))
+                    runs[name].append(measure(checkout, caches[name], args.tokens, methods, args.reps))
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=True)
-    print(f"ms/token, medians of {args.rounds} runs each, SmolLM2-135M fp32, one thread, {args.tokens} tokens; "
-          f"old = {args.rev}, new = this checkout")
-    print(f"{'method':<16} {'old':>7} {'new':>7} {'new / old':>10}  same tokens")
+    print(f"ms/token, medians over {args.rounds} rounds of the fastest of {args.reps} runs, SmolLM2-135M fp32, "
+          f"one thread, {args.tokens} tokens; old = {args.rev}, new = this checkout")
+    print(f"{'method':<16} {'old':>7} {'new':>7} {'new / old':>10}  {'per round':>11}  same tokens")
     for key in runs["new"][0]:
         old_ms = statistics.median(run[key][0] for run in runs["old"])
         new_ms = statistics.median(run[key][0] for run in runs["new"])
         same = all(run[key][1] == runs["new"][0][key][1] for run in runs["old"] + runs["new"])
-        print(f"{key:<16} {old_ms:7.2f} {new_ms:7.2f} {new_ms / old_ms:10.3f}  {'yes' if same else 'NO'}")
+        paired = [n[key][0] / o[key][0] for o, n in zip(runs["old"], runs["new"])]     # new / old, each round
+        spread = f"{min(paired):.2f}-{max(paired):.2f}"
+        print(f"{key:<16} {old_ms:7.2f} {new_ms:7.2f} {new_ms / old_ms:10.3f}  {spread:>11}  {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":
