@@ -56,19 +56,32 @@ def measure(checkout, cache, tokens, methods, reps):
     return json.loads(done.stdout.splitlines()[-1])
 
 
+def positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.error = lambda message: p.exit(2, f"error: {message}\n")          # one line, no usage block
     p.add_argument("rev", help="the revision to compare with (a commit, a tag, a branch)")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--tokens", type=int, default=48)
-    p.add_argument("--reps", type=int, default=3, help="timed runs of a method in a process (the fastest counts)")
+    p.add_argument("--rounds", type=positive, default=6)
+    p.add_argument("--tokens", type=positive, default=48)
+    p.add_argument("--reps", type=positive, default=3,
+                   help="timed runs of a method in a process (the fastest counts)")
     p.add_argument("--methods", nargs="+", choices=[f"{m} {s}" for m, s in METHODS], metavar="'METHOD SPARSITY'",
                    help="only these, e.g. 'sirius fine' (default: all five)")
     args = p.parse_args()
     methods = [m for m in METHODS if args.methods is None or f"{m[0]} {m[1]}" in args.methods]
+    known = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "-q", args.rev + "^{commit}"],
+                           capture_output=True)
+    if known.returncode:
+        p.exit(2, f"error: {args.rev!r} is not a commit of this repository\n")
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.rev], check=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.rev],
+                       check=True)
         try:
             caches = {"old": Path(tmp) / "old-cache", "new": Path(tmp) / "new-cache"}
             runs = {"old": [], "new": []}
@@ -88,7 +101,8 @@ def main():
         same = all(run[key][1] == runs["new"][0][key][1] for run in runs["old"] + runs["new"])
         paired = [n[key][0] / o[key][0] for o, n in zip(runs["old"], runs["new"])]     # new / old, each round
         spread = f"{min(paired):.2f}-{max(paired):.2f}"
-        print(f"{key:<16} {old_ms:7.2f} {new_ms:7.2f} {new_ms / old_ms:10.3f}  {spread:>11}  {'yes' if same else 'NO'}")
+        print(f"{key:<16} {old_ms:7.2f} {new_ms:7.2f} {new_ms / old_ms:10.3f}  {spread:>11}  "
+              f"{'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -304,6 +304,18 @@ def test_bench_py_errors_from_the_shell(tmp_path, capsys):
                                                  "table adds 0.75, 0.5 and 0.25\n"
 
 
+@pytest.mark.parametrize("args, says", [
+    (["HEAD", "--rounds", "0"], "error: argument --rounds: expected a whole number >= 1, got '0'\n"),
+    (["no-such-rev"], "error: 'no-such-rev' is not a commit of this repository\n"),
+])
+def test_speed_against_refuses_what_it_cannot_run(args, says):
+    """tests/speed_against.py refuses a count it cannot honour, or a revision git does not know, in one
+    line before it makes a worktree (it imports no torch: fast)."""
+    out = subprocess.run([sys.executable, "tests/speed_against.py", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert (out.returncode, out.stderr, out.stdout) == (2, says, "")
+
+
 @pytest.mark.parametrize("change, says", [
     ([1, 2], "expected a JSON object"),
     ({"max_position_embeddings": "long"}, "max_position_embeddings must be a positive whole number"),
