@@ -20,7 +20,7 @@ import kernels
 from model import Llama, LlamaConfig
 from folder import UsageError, encode, load_weights, open_model_folder, read_text
 from sirius_min import (average_advance_length, effective_density, generate,
-                        judge_period, prefill_and_sparse_mlp, sirius, sirius_period, tree_pass_args)
+                        prefill_and_sparse_mlp, sirius, sirius_period, tree_pass_args)
 
 def full_model_nll(model, prompt, tokens):
     """Mean negative log-likelihood of `tokens` after `prompt` under the full model: how plausible the
@@ -397,12 +397,12 @@ def side_by_side_chains(period, width, device):
     return depth.to(device), sees.to(device)
 
 
-def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict, reps, judge=judge_period):
+def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict, reps):
     """Seconds of one Sirius period and of its parts, each pass with the positions and mask the period gives
     it (sirius_min.tree_pass_args): the root's draft step (one token), a draft step over one depth (w tokens),
     the verify pass (1 + (K-1)·w tokens) and a whole `sirius_period`. "rest" is the period minus root,
     K-2 draft steps and the verify pass: choosing tokens, the acceptance rule, the back-gather, the
-    read-back. A captured model (graphs.capture) and its judge time the graphs."""
+    read-back. A captured model (graphs.capture) times its graphs (verify: the pass alone)."""
     dev = t0.device
     depth, sees = side_by_side_chains(period, width, dev)
     tokens = t0.view(1).repeat(len(depth))                  # the tokens do not change a pass's cost
@@ -416,7 +416,8 @@ def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict
              draft=timer(lambda: step(middle, sparse_mlp), reps, dev),
              verify=timer(lambda: step(range(0, len(depth)), None), reps, dev),
              period=timer(lambda: sirius_period(model, sparse_mlp, t0.view(1), pos, period=period,
-                                                width=width, threshold=threshold, strict=strict, judge=judge),
+                                                width=width, threshold=threshold, strict=strict,
+                                                verify=getattr(model, "verify", None)),
                           reps, dev))
     t["rest"] = t["period"] - (t["root"] + (period - 2) * t["draft"] + t["verify"])
     return t
@@ -469,7 +470,6 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     if compile:
         import graphs  # here: it imports torch._dynamo (seconds), which only compile needs
     step = graphs.capture(model, compile) if compile else model      # the model, or its passes as graphs
-    judge = step.judge if compile else judge_period                     # greedy: it is captured too
     if compile:
         for s in plans:
             for _ in range(3):                     # compile, then let the graph be recorded
@@ -485,7 +485,7 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     d = dens[sparsity]
     for w in widths:
         t = parts[w] = sirius_parts(step, mlps[sparsity], t0, pos, period=period, width=w,
-                                    threshold=threshold, strict=strict, reps=reps, judge=judge)
+                                    threshold=threshold, strict=strict, reps=reps)
         part_rows.append([w, 1 + (period - 1) * w] + [f"{t[p] * 1e3:.2f}" for p in
                                                        ("root", "draft", "verify", "rest", "period")]
                          + [f"{t['draft'] / dense:.2f}", f"{t['verify'] / dense:.2f}",

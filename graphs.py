@@ -1,23 +1,27 @@
 """Decoding as captured graphs, for a GPU: the same Llama, every decode pass replayed at fixed addresses.
 
 `capture(model, backend)` wraps a model.py Llama so that it still meets sirius_min's `Model`, but each decode
-pass (plain decoding's one-token step, a chain's draft step, a tree's w-token draft step, the verification
-window) runs as a torch.compile'd graph on the model's static-shape path, and `capture_function` does the
-same for a device function (sirius_min.judge_period). The prefill stays eager: its length is the prompt's.
+pass (plain decoding's one-token step, a chain's draft step, a tree's w-token draft step) runs as a
+torch.compile'd graph on the model's static-shape path, and so does the verification window together with
+the period's verdict on it (`Captured.verify`, greedy). The prefill stays eager: its length is the prompt's.
 With backend "inductor" the graphs are CUDA graphs (mode "reduce-overhead"), meant to replay a pass's
 hundreds of kernels with one launch; any other backend ("aot_eager", or `InputLog` below) runs on a CPU,
-which is how the tests and `tests/gpu_check.sh --dry-run` check there what can be checked without a device
-(the wiring, recompiles, host reads, and the copies by the rule below; not a real CUDA graph replay).
+through the same capture code: that is how the tests and `tests/gpu_check.sh --dry-run` check there what can
+be checked without a device.
 
-Why fixed addresses. A CUDA graph replays the kernels it recorded on the memory it recorded them with.
-As torch's CUDA graph trees are written (read, not yet run here), a graph input that is a Parameter or a
-module buffer (torch.compile marks those static) is read in place; an input made by an earlier graph is
-read in place too; every other tensor input is first copied into the graph's own memory, on every replay.
-So everything a pass reads is kept where it was at capture: weights and the KV cache are the model's; a
-coarse request's slices are buffers allocated once per model (again when k changes: sirius_min.CoarseMLP);
-a tree's masks go into one buffer per pass length, allocated here once. What is left to copy is about 16
-bytes a node of the window (token ids, RoPE positions, a tree's tokens and parents) and the position: a few
-hundred bytes at K = 8, w = 4, about 2 KB at K = 16, w = 8.
+The rules a CUDA graph sets, as torch's CUDA graph trees implement them (torch/_inductor/cudagraph_trees.py;
+`InputLog` applies them on a CPU):
+- A graph replays its kernels on the memory it recorded them with. An input that is a Parameter or a
+  tensor marked static (module buffers, `mark_static_address`) is read in place; so is an output of a graph
+  called earlier in the same iteration. Every other tensor input is copied into the graph's memory before
+  every replay.
+- Every pass here begins an iteration of its own (`torch.compiler.cudagraph_mark_step_begin()`), and a new
+  iteration frees the outputs of the last: an output that must outlive its pass is cloned.
+So everything a pass reads is kept where it was at capture: weights and each layer's KV cache are the
+model's; a coarse request's slices are buffers allocated once per model (sirius_min.CoarseMLP); a tree's
+masks go into one buffer per pass length. The verification logits, (1 + (K-1)·w, vocab), never leave their
+graph: the verdict is computed in it, and of its outputs only the next token is cloned. What is copied per
+replay is the pass's token ids, RoPE positions and a tree's parents (int64, 8 bytes a node) and the position.
 """
 import weakref
 
@@ -49,48 +53,57 @@ def capture(model, backend="inductor"):
     return per_model[backend]
 
 
-def capture_function(fn, backend="inductor"):
-    """A device function (no host reads: `host_reads` finds them, fullgraph=True does not) as a graph. Its outputs are
-    cloned: a CUDA graph's outputs live in memory its next replay overwrites, and the next period's t0 is
-    one of them."""
-    compiled = torch.compile(fn, **compile_options(backend))
-
-    def run(*args, **kwargs):
-        return tuple(None if out is None else out.clone() for out in compiled(*args, **kwargs))
-    return run
-
-
 class Captured:
     """A Llama whose decode passes are graphs (see the module docstring); meets sirius_min.Model."""
 
     def __init__(self, model, backend):
-        self.model, self.cfg, self.max_seq_len, self.layers = model, model.cfg, model.max_seq_len, model.layers
+        self.model, self.cfg, self.layers = model, model.cfg, model.layers
+        self.max_seq_len = model.max_seq_len
         device = model.lm_head.device
         # A position goes in as a 0-dim view into this table: no copy from the host, one graph for all.
         self.slot_ids = torch.arange(model.max_seq_len, device=device)
         self.masks = {}                         # pass length T -> (T, max_seq_len) bool, a fixed address
         self.graph = torch.compile(self.static_pass, **compile_options(backend))
-        # The period's device part too (greedy only: a graph cannot take a sampler's torch.Generator).
-        self.judge = capture_function(sirius_min.judge_period, backend)
+        # The verification pass and the period's verdict on it (greedy only: a graph cannot take a sampler's
+        # torch.Generator) in one graph, so that the (N, vocab) logits never leave it.
+        self.verify_graph = torch.compile(self.static_verify, **compile_options(backend))
 
     def static_pass(self, tokens, start, mlp, positions, mask):
         return self.model(tokens, start, mlp, positions=positions, mask=mask)
 
-    def mask_buffer(self, T):
+    def static_verify(self, tree, start, positions, mask, **rule):
+        logits = self.model(tree.tokens, start, positions=positions, mask=mask)
+        return logits, *sirius_min.judge_period(logits, tree, **rule)
+
+    def fixed_mask(self, mask, T):
+        """A tree pass's mask (T, start_pos + T), copied into the pass length's fixed (T, max_seq_len)."""
+        if mask is None:
+            return None
         if T not in self.masks:
             self.masks[T] = torch.zeros(T, self.max_seq_len, dtype=torch.bool, device=self.slot_ids.device)
             torch._dynamo.mark_static_address(self.masks[T])       # read in place, never copied
-        return self.masks[T]
+        buffer, seen = self.masks[T], mask.shape[1]
+        buffer[:, :seen] = mask
+        buffer[:, seen:] = False
+        return buffer
 
     def __call__(self, tokens, start_pos, mlp=None, *, positions=None, mask=None, last_only=False):
         if last_only:                                          # the prefill: once a request, any length
             return self.model(tokens, start_pos, mlp, positions=positions, mask=mask, last_only=True)
-        if mask is not None:                                   # (T, start_pos + T) -> the fixed (T, S)
-            buffer, seen = self.mask_buffer(len(tokens)), mask.shape[1]
-            buffer[:, :seen] = mask
-            buffer[:, seen:] = False
-            mask = buffer
+        torch.compiler.cudagraph_mark_step_begin()             # every pass an iteration of its own
+        mask = self.fixed_mask(mask, len(tokens))
         return self.graph(tokens, self.slot_ids[start_pos], mlp, positions, mask)
+
+    def verify(self, tree, pos, **rule):
+        """sirius_min.verify_period as one graph. Of its outputs only the next token outlives the iteration
+        (it is the next period's t0): it alone is cloned out of the graph's memory."""
+        N = len(tree.tokens)
+        args = sirius_min.tree_pass_args(tree.sees, pos, range(N), tree.depth, rule["width"])
+        mask = self.fixed_mask(args.get("mask"), N)
+        torch.compiler.cudagraph_mark_step_begin()
+        logits, packed, path, next_token, accepted, p_full = self.verify_graph(
+            tree, self.slot_ids[pos], args.get("positions"), mask, **rule)
+        return logits, packed, path, next_token.clone(), accepted, p_full
 
     def move_kv(self, slots, start):
         self.model.move_kv(slots, start)
@@ -113,15 +126,24 @@ def host_reads(gm):
 
 
 class InputLog:
-    """A torch.compile backend that runs each graph as it is (on any device) and logs, at every call, the
-    bytes of the inputs a CUDA graph would copy before its replay: every tensor that is neither a Parameter,
-    nor marked static (module buffers, `mark_static_address`), nor the output of an earlier graph call
-    (CUDA graph trees read those in place). `graphs` counts the graphs compiled; `calls` holds, per call,
-    (graph number, bytes copied, descriptions of the copied inputs); `host_reads` every node of any graph
-    that would make the host wait (see `host_reads`)."""
+    """A torch.compile backend that runs each graph as it is, on any device, under the rules by which torch's
+    CUDA graph trees (torch/_inductor/cudagraph_trees.py) treat a graph's inputs and outputs in inference:
+
+    - Iterations. A call begins a new iteration when the generation has changed: once
+      torch.compiler.cudagraph_mark_step_begin() has been called, at each such mark; before, at every call
+      of a compiled function (dynamo counts the calls).
+    - Read in place: a Parameter, a tensor marked static (module buffers, `mark_static_address`), or an
+      output of a graph called earlier in the same iteration. Any other tensor input is copied into the
+      graph's memory before every replay: `calls` logs, per call, (graph number, bytes copied, the inputs).
+    - Freed: when a new iteration begins, the outputs of the last one that are still alive lose their
+      memory (torch makes a later read raise while recording, and overwrites them when replaying). Here
+      they are overwritten (NaN, or the dtype's minimum), so a later eager read computes garbage, and a
+      graph input that is one is named in `stale_reads` and raises, as torch raises.
+    `graphs` counts the graphs compiled; `host_reads` lists every node that would make the host wait."""
 
     def __init__(self):
-        self.graphs, self.calls, self.host_reads, self.outputs = 0, [], [], {}   # outputs: address -> weakref
+        self.graphs, self.calls, self.host_reads, self.stale_reads = 0, [], [], []
+        self.generation, self.live, self.freed = None, [], []      # outputs as weakrefs
 
     def __call__(self, gm, example_inputs):
         number = self.graphs
@@ -129,17 +151,45 @@ class InputLog:
         self.host_reads += host_reads(gm)
 
         def run(*args):
-            copied = [a for a in args if isinstance(a, torch.Tensor) and not self.in_place(a)]
+            self.next_iteration_if_new()
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            stale = [f"{tuple(a.shape)} {a.dtype}" for a in tensors if self.made_in(a, self.freed)]
+            if stale:
+                self.stale_reads.append((number, stale))
+                raise RuntimeError(f"graph {number} reads {stale}: accessing tensor output of CUDAGraphs "
+                                   "that has been overwritten by a subsequent run (an earlier iteration's)")
+            copied = [a for a in tensors if not self.in_place(a)]
             self.calls.append((number, sum(a.numel() * a.element_size() for a in copied),
                                [f"{tuple(a.shape)} {a.dtype}" for a in copied]))
             out = gm(*args)
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    self.outputs[t.untyped_storage().data_ptr()] = weakref.ref(t)
+            inputs = {a.untyped_storage().data_ptr() for a in tensors}
+            self.live += [weakref.ref(t) for t in (out if isinstance(out, (tuple, list)) else (out,))
+                          if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
             return out
         return run
 
+    def next_iteration_if_new(self):
+        from torch._dynamo.mutation_guard import GenerationTracker
+        from torch._inductor.cudagraph_trees import MarkStepBox
+        generation = MarkStepBox.mark_step_counter or GenerationTracker.generation
+        if generation == self.generation:
+            return
+        self.generation = generation
+        self.freed = [ref for ref in self.freed + self.live if ref() is not None]
+        for ref in self.live:
+            t = ref()
+            if t is not None:                   # (inference mode: a graph output may be an inference tensor)
+                with torch.inference_mode():
+                        t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).min
+                            if t.dtype != torch.bool else True)
+        self.live = []
+
+    @staticmethod
+    def made_in(t, refs):
+        """Does t share memory with one of the (live) tensors in `refs`?"""
+        ptr = t.untyped_storage().data_ptr()
+        return any(r() is not None and r().untyped_storage().data_ptr() == ptr for r in refs)
+
     def in_place(self, t):
-        made_by = self.outputs.get(t.untyped_storage().data_ptr(), lambda: None)()    # a live graph output
         return (isinstance(t, torch.nn.Parameter) or getattr(t, "_dynamo_static_input_type", None) is not None
-                or made_by is not None)
+                or self.made_in(t, self.live))

@@ -113,10 +113,13 @@ class Block(nn.Module):
     up_rows (D, h)                      W_up, row n = neuron n's up weights: a copy made where kernels.py's
         fine "gather" plan reads single neurons' rows (CPU, float32/64; see `Llama.make_up_rows`), else None.
     q_norm, k_norm (hd,)                RMSNorm weights over each head's q and k (qk_norm), else None
+    cache_k, cache_v (Hkv, S, hd)       the layer's KV cache, S = max_seq_len slots, shared by every pass
+        (dense, sparse, verification, tree). A buffer of its own, not a view of one big tensor: a compiled
+        graph that writes into a view rebuilds and copies back the whole tensor, into a buffer only T slots.
     A bias is None where the config has none (attention_bias or qkv_bias, mlp_bias).
     """
 
-    def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
+    def __init__(self, cfg: LlamaConfig, max_seq_len, device=None, dtype=None):
         super().__init__()
         h, D, hd, w = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, dict(device=device, dtype=dtype)
         q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
@@ -128,11 +131,15 @@ class Block(nn.Module):
         self.w_gate_up, self.b_gate_up = weight(h, 2 * D, **w), weight(2 * D, **w) if mlp_bias else None
         self.w_down, self.b_down = weight(D, h, **w), weight(h, **w) if mlp_bias else None
         self.register_buffer("up_rows", None, persistent=False)     # derived: not in the state_dict
+        for name in ("cache_k", "cache_v"):                           # the layer's part of the KV cache
+            self.register_buffer(name, torch.zeros(cfg.num_key_value_heads, max_seq_len, hd, **w),
+                                 persistent=False)
         self.n_heads, self.head_dim, self.eps = cfg.num_attention_heads, cfg.head_dim, cfg.rms_norm_eps
 
-    def attention(self, x, cache_k, cache_v, cos, sin, slots, seen, mask):
+    def attention(self, x, cos, sin, slots, seen, mask):
         """Attention on x (T, h): this pass's keys and values go to `slots` of the layer's cache (Hkv, S, hd),
         queries read its slots below `seen`; cos, sin (T, hd) rotate by each token's position."""
+        cache_k, cache_v = self.cache_k, self.cache_v
         T, hd, n_q, n_qk = x.shape[0], self.head_dim, self.n_heads, self.n_heads + cache_k.shape[0]
         qkv = linear(x, self.wqkv, self.bqkv).view(T, -1, hd).transpose(0, 1)    # (H + 2 Hkv, T, hd)
         if self.q_norm is not None:                                              # qk_norm (Qwen3)
@@ -141,7 +148,7 @@ class Block(nn.Module):
         qk = apply_rope(qkv[:n_qk], cos, sin)                                    # q and k rotate together
         if isinstance(slots, slice):
             cache_k[:, slots], cache_v[:, slots] = qk[n_q:], qkv[n_qk:]
-        else:                                                                    # static path: (T,) tensor
+        else:       # static path, slots (T,): in place on the buffer itself, so a graph writes T slots only
             cache_k.index_copy_(1, slots, qk[n_q:])
             cache_v.index_copy_(1, slots, qkv[n_qk:])
         out = grouped_attention(qk[None, :n_q], cache_k[None, :, :seen], cache_v[None, :, :seen], mask)
@@ -164,15 +171,11 @@ class Llama(nn.Module):
             raise ValueError(f"{max_seq_len} cache slots reach past sliding_window {cfg.sliding_window}")
         h, V, w = cfg.hidden_size, cfg.vocab_size, dict(device=device, dtype=dtype)
         self.embed = None if cfg.tie_word_embeddings else weight(V, h, **w)   # (vocab, h); tied: lm_head's
-        self.layers = nn.ModuleList(Block(cfg, **w) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, max_seq_len, **w) for _ in range(cfg.num_hidden_layers))
         self.norm, self.lm_head = weight(h, **w), weight(h, V, **w)          # (h,), (h, vocab)
         cos, sin = rope_tables(cfg, max_seq_len)                              # (max_seq_len, hd)
         self.register_buffer("cos", cos.to(**w), persistent=False)
         self.register_buffer("sin", sin.to(**w), persistent=False)
-        # The KV cache (layers, kv_heads, slots, hd), shared by every pass: dense, sparse, verification, tree.
-        kv = (cfg.num_hidden_layers, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
-        self.register_buffer("cache_k", torch.zeros(kv, **w), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(kv, **w), persistent=False)
         self.register_load_state_dict_post_hook(Llama.make_up_rows)
 
     def make_up_rows(self, *_):
@@ -211,14 +214,13 @@ class Llama(nn.Module):
         at = slots if positions is None else positions             # RoPE positions: by default, the slots
         eps = self.cfg.rms_norm_eps
         # No autograd on either path. Eager passes run in inference mode, the least work per op; the static
-        # path, meant for torch.compile, under no_grad alone (inference mode there is neither needed nor tested).
+        # path, meant for torch.compile, under no_grad alone (inference mode there is not needed, nor tested).
         with torch.inference_mode(not static), torch.no_grad():
             cos, sin = self.cos[at], self.sin[at]                               # (T, hd)
             x = self.embed_tokens(tokens)                                       # (T, h)
-            # Layer i with its own slice of the cache, cache_k[i] and cache_v[i] (Hkv, S, hd).
-            for i, (layer, cache_k, cache_v) in enumerate(zip(self.layers, self.cache_k, self.cache_v)):
+            for i, layer in enumerate(self.layers):
                 normed = rms_norm(x, layer.attn_norm, eps)
-                x = x + layer.attention(normed, cache_k, cache_v, cos, sin, slots, seen, mask)
+                x = x + layer.attention(normed, cos, sin, slots, seen, mask)
                 normed = rms_norm(x, layer.mlp_norm, eps)
                 x = x + (layer.mlp(normed) if mlp is None else mlp(i, normed))
             if last_only:
@@ -229,7 +231,8 @@ class Llama(nn.Module):
         """Copy the keys/values in cache `slots` (n,) to slots start..start+n-1 (a tree's chosen path).
         `start` is an int or a 0-dim tensor on the device: either way nothing is read back to the host."""
         to = start + torch.arange(len(slots), device=slots.device)             # (n,)
-        self.cache_k.index_copy_(2, to, self.cache_k[:, :, slots])             # the gather copies first
-        self.cache_v.index_copy_(2, to, self.cache_v[:, :, slots])
+        for layer in self.layers:
+            for cache in (layer.cache_k, layer.cache_v):
+                cache.index_copy_(1, to, cache[:, slots])                      # the gather copies first
 
 

@@ -6,10 +6,11 @@ KV cache. What this file needs of a model is `Model` below: model.py's Llama mee
 stand-in in tests/test_sirius.py. Read top to bottom: the contract, choosing a token, the sparse MLPs and the
 prefill, the metrics, plain decoding, then Sirius: the acceptance rules, drafting (a chain, or a tree of width
 w), one period, the loop. A period waits for the device once (one packed read-back), plain decoding once per
-token. graphs.capture(model) wraps a Llama so that every decode pass (greedy: the judge too) is a graph.
+token. graphs.capture(model) wraps a Llama so that every decode pass (greedy: with the judge) is a graph.
 """
 import time
 import weakref
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -30,8 +31,8 @@ class Model(Protocol):
     layer i's MLP. A tree passes each token's RoPE `positions` (T,) and a bool `mask` (T, start_pos+T).
     `move_kv(slots, start)` copies cached keys and values. `layers[i]` holds the MLP weights kernels.py reads
     (w_gate_up, w_down; optional biases, up_rows); `cfg` the config fields kernels.density counts. A model
-    may bring its own `judge` (graphs.py's captured judge_period), used when greedy. Coarse sparsity keeps
-    one CoarseMLP per model in a WeakKeyDictionary: the model must be hashable and weak-referenceable."""
+    may bring its own `verify` (graphs.py's verify_period as one graph), used when greedy. Coarse sparsity
+    keeps one CoarseMLP per model in a WeakKeyDictionary: the model must be hashable and weak-referenceable."""
     cfg: Any
     max_seq_len: int
     layers: Sequence[Any]
@@ -379,8 +380,15 @@ def judge_period(logits, tree, *, period, width, rule, threshold, sampling):
     return packed, path, next_token, accepted, p_full
 
 
+def verify_period(model, tree, pos, **rule):
+    """The full model's pass over the window (N, V), and judge_period's verdict on it."""
+    nodes = range(0, len(tree.tokens))
+    logits = model(tree.tokens, pos, **tree_pass_args(tree.sees, pos, nodes, tree.depth, rule["width"]))
+    return logits, *judge_period(logits, tree, **rule)
+
+
 def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1, strict=False,
-                  sampling=None, judge=judge_period, on_period=None):
+                  sampling=None, verify=None, on_period=None):
     """One period: draft, verify every draft in one full-model pass, keep the best path, add one token.
 
     t0 (a device tensor: the last emitted token, not yet in the cache) goes to slot pos, the drafts after it;
@@ -388,15 +396,15 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
     rewrites all those slots with its own. Of the w paths the one with the longest kept prefix wins (ties:
     the likelier path); its nodes' keys and values move to slots pos..pos+a (a chain's are already there).
     Returns (kept drafts, next token as int and as a device tensor); the cache is then valid through t0 and
-    the kept drafts, and the next period starts right after them ("roll back"). `judge`: judge_period or its
-    captured graph. on_period, if given, gets what the period computed on the device (tracing.py reads it)."""
+    the kept drafts, and the next period starts right after them ("roll back"). `verify`: a captured model's
+    verify_period (one graph), or None. on_period, if given, gets what the period computed on the device
+    (tracing.py reads it), valid until the next pass."""
     sampling = sampling or Sampling()
     rule = "threshold" if not strict else "argmax" if sampling.greedy else "speculative"
     tree = draft_tree(model, sparse_mlp, t0, pos, period, width, sampling, rule == "speculative")
-    nodes = range(0, len(tree.tokens))
-    logits = model(tree.tokens, pos, **tree_pass_args(tree.sees, pos, nodes, tree.depth, width))   # (N, V)
-    packed, path, next_token, accepted, p_full = judge(logits, tree, period=period, width=width, rule=rule,
-                                                       threshold=threshold, sampling=sampling)
+    verify = verify or partial(verify_period, model)
+    logits, packed, path, next_token, accepted, p_full = verify(
+        tree, pos, period=period, width=width, rule=rule, threshold=threshold, sampling=sampling)
     b, a, appended, *drafts = packed.tolist()                              # the one host sync
     if width > 1:
         model.move_kv(pos + path[:a + 1], pos)                             # the back-gather
@@ -425,7 +433,7 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
         raise ValueError("sampling drafts a chain: width must be 1 when temperature > 0")
     check_request(model, max_new_tokens, cache_slots(len(prompt), max_new_tokens, period, width))
     logits, sparse_mlp = prefill_and_sparse_mlp(model, prompt, sparsity, keep)
-    judge = getattr(model, "judge", judge_period) if sampling.greedy else judge_period
+    verify = getattr(model, "verify", None) if sampling.greedy else None
     res = Result([], [], density(model.cfg, keep, sparsity), period, width)
     t0, pos = choose_token(logits[-1], sampling), len(prompt)              # the first token: full model
     start = clock(prompt.device)
@@ -441,7 +449,7 @@ def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0
     while not done:
         drafts, token, t0 = sirius_period(
             model, sparse_mlp, t0, pos, period=period, width=width, threshold=threshold, strict=strict,
-            sampling=sampling, judge=judge, on_period=on_period)
+            sampling=sampling, verify=verify, on_period=on_period)
         for d in drafts:
             if done := emit(d, False):
                 break

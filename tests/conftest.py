@@ -41,13 +41,20 @@ def encode_chat(tok, text):
     return torch.tensor(folder.chat_ids(tok, prompting, folder.few_shot(text)))
 
 
+def kv(model):
+    """The whole KV cache as two tensors (layers, kv_heads, slots, hd), keys and values: a copy to compare."""
+    return (torch.stack([layer.cache_k for layer in model.layers]),
+            torch.stack([layer.cache_v for layer in model.layers]))
+
+
 def twin(model):
     """A second Llama on the same weights with its own, empty KV cache: a reference pass in it cannot
     overwrite the cache of the model under inspection. (deepcopy with every tensor but the cache shared.)"""
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]
-              if t is not model.cache_k and t is not model.cache_v}
+    caches = {id(c) for layer in model.layers for c in (layer.cache_k, layer.cache_v)}
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in caches}
     other = copy.deepcopy(model, memo=shared)
-    other.cache_k.zero_(), other.cache_v.zero_()
+    for layer in other.layers:
+        layer.cache_k.zero_(), layer.cache_v.zero_()
     return other
 
 

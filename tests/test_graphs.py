@@ -1,72 +1,143 @@
-"""Captured decoding (graphs.py), proven on a CPU: what a CUDA graph would copy on every replay, that nothing
-compiles again once warm, that the device part of a period has no host read, and the same tokens as eager.
+"""Captured decoding (graphs.py), proven on a CPU under CUDA graph trees' rules: what a graph copies on every
+replay, that no graph reads memory an earlier iteration owned, that nothing compiles again once warm, that no
+graph waits for the host, that the tokens are the reference's, and that a KV-cache write stays in place.
 
-graphs.InputLog is a torch.compile backend that runs each graph as it is and logs the inputs a CUDA graph
-would copy before a replay (neither a Parameter, nor marked static, nor an earlier graph's output). The first
-test names every such input, graph by graph: token ids, the 0-dim position, RoPE positions, a tree's tokens
-and parents, all int64 and none longer than a pass (at most 168 bytes a replay here). A copied weight, slice,
-KV cache or mask would show up as a float or bool input the expected list lacks, however small the model.
+graphs.InputLog is a torch.compile backend that runs each graph as it is and applies the rules of torch's
+torch/_inductor/cudagraph_trees.py (see its docstring): every call of a compiled function begins an iteration
+(here: every pass, by graphs.Captured's mark), inputs other than weights, buffers and static tensors are copied
+before each replay, and the outputs of an earlier iteration are freed (reading one raises). The same capture
+code runs under Inductor on a GPU: only the backend differs.
 """
+import dataclasses
+
 import pytest
 import torch
 import torch._dynamo
 
+import bench
 import graphs
 import sirius_min
-from kernels import dense_mlp, slice_mlp
-from sirius_min import Sampling, draft_tree, generate, judge_period, sirius, tree_pass_args
+from model import Llama
+from sirius_min import generate, judge_period, sirius
+
+PROMPTS = (torch.arange(1, 12), torch.arange(7, 30))   # two requests: other lengths, other positions
+CASES = [  # (name, method, options); K = 8 for Sirius
+    ("dense", generate, dict(sparsity="dense")),
+    ("coarse", generate, dict(sparsity="coarse")),
+    ("fine", generate, dict(sparsity="fine")),
+    ("chain, threshold", sirius, dict(sparsity="fine", period=8)),
+    ("chain, strict", sirius, dict(sparsity="coarse", period=8, strict=True)),
+    ("tree w=4, threshold", sirius, dict(sparsity="coarse", period=8, width=4)),
+    ("tree w=4, strict", sirius, dict(sparsity="fine", period=8, width=4, strict=True)),
+]
 
 
-def run_twice(tiny, method, **kw):
-    """Two requests with one InputLog: a warm-up, then (no compiling allowed) a longer prompt at other
-    positions, through more periods. Returns the log, the graphs the warm-up made, and both results."""
+def first_layers(model, n):
+    """A real checkpoint cut to its first n layers (its own weights, shapes and tied head): a model whose
+    graphs trace in seconds."""
+    cut = Llama(dataclasses.replace(model.cfg, num_hidden_layers=n), 128)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.")
+             or int(k.split(".")[1]) < n}
+    cut.load_state_dict(state)
+    return cut
+
+
+@pytest.fixture(scope="module", params=["SmolLM2, 2 layers", "8B stand-in, 2 layers"])
+def model(request, smollm):
+    if request.param.startswith("SmolLM2"):
+        return first_layers(smollm[0], 2)
+    shape = bench.llama3_8b_config(hidden_size=256, intermediate_size=896, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=4096)
+    return bench.random_llama(shape, "cpu", torch.float32, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def logged(model):
+    """Every case, two requests each, through one captured model: the second round (other prompts, more
+    periods) may compile nothing. Returns the log and, per case, the captured results."""
+    log, results = graphs.InputLog(), {}
+    captured = graphs.capture(model, log)
+    for round_, (prompt, n) in enumerate(zip(PROMPTS, (24, 40))):
+        with torch._dynamo.config.patch(error_on_recompile=round_ == 1):
+            for name, method, kw in CASES:
+                results.setdefault(name, []).append(method(captured, prompt, n, **kw))
+        if round_ == 0:
+            warm = log.graphs
+    assert log.graphs == warm                        # nothing new on the second request
+    return log, results
+
+
+def test_every_replay_copies_little_and_reads_no_freed_memory(logged):
+    """At most 64 KB copied into a graph per replay (token ids, positions, a tree's parents: int64 vectors
+    no longer than a window); weights, KV cache, coarse slices and masks are read in place; no graph input
+    was made in an earlier iteration; no graph waits for the host."""
+    log, _ = logged
+    assert log.stale_reads == [] and log.host_reads == []
+    assert max(size for _, size, _ in log.calls) <= 64 * 1024
+    copied = {d for _, _, inputs in log.calls for d in inputs}
+    # a position (), a step's 1 or w = 4 tokens or positions, a window's K = 8 or 1 + 7·4 = 29 nodes
+    assert copied <= {"() torch.int64", *(f"({n},) torch.int64" for n in (1, 4, 8, 29))}, copied
+
+
+def test_captured_tokens_are_the_reference_s(model, logged):
+    """The graphs decode what eager code decodes: plain decoding and the chain as sirius_reference writes
+    the period (threshold and strict), the tree as the eager tree (same advances too), strict trees as
+    dense greedy up to near-ties (none at these sizes)."""
+    _, results = logged
+    for name, method, kw in CASES:
+        for (prompt, n), got in zip(zip(PROMPTS, (24, 40)), results[name]):
+            if method is generate:
+                assert got.tokens == generate(model, prompt, n, **kw).tokens, name
+            elif kw.get("width", 1) == 1:
+                tokens, advances = sirius_min.sirius_reference(model, prompt, n, **kw)
+                assert (got.tokens, got.advances) == (tokens, advances), name
+            else:
+                eager = sirius(model, prompt, n, **kw)
+                assert (got.tokens, got.advances) == (eager.tokens, eager.advances), name
+                if kw.get("strict"):
+                    assert got.tokens == generate(model, prompt, n).tokens, name
+
+
+def test_a_read_across_iterations_is_caught(tiny, monkeypatch):
+    """The log can fail for the right reason. Before any cudagraph_mark_step_begin() every call of a compiled
+    function begins an iteration, so the judge compiled as a graph of its own after the verification pass
+    (the design before graphs.Captured.verify) frees the pass's logits and then reads them: InputLog raises
+    as CUDA graph trees do, and names the input; an eager read finds them overwritten."""
+    from torch._inductor.cudagraph_trees import MarkStepBox
+    monkeypatch.setattr(MarkStepBox, "mark_step_counter", 0)             # no mark made yet
     log = graphs.InputLog()
-    first = method(graphs.capture(tiny, log), torch.arange(10), 24, **kw)
-    warm = log.graphs
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        second = method(graphs.capture(tiny, log), torch.arange(3, 20), 40, **kw)
-    return log, warm, first, second
+    captured = graphs.capture(tiny, log)
+    judge = torch.compile(judge_period, backend=log, fullgraph=True)
+    logits0, mlp = sirius_min.prefill_and_sparse_mlp(tiny, torch.arange(10), "fine", 0.5)
+    tree = sirius_min.draft_tree(tiny, mlp, logits0.argmax(-1), 10, 4, 1, sirius_min.Sampling())
+    logits = captured.graph(tree.tokens, captured.slot_ids[10], None, None, None)   # verification, (4, V)
+    rule = dict(period=4, width=1, rule="argmax", threshold=0.1, sampling=sirius_min.Sampling())
+    with pytest.raises(RuntimeError, match="overwritten by a subsequent run"):
+        judge(logits, tree, **rule)
+    assert log.stale_reads == [(log.graphs - 1, ["(4, 100) torch.float32"])]
+    assert logits.isnan().all()                                           # what an eager read would see
 
 
-def ids(n):
-    """How InputLog describes a copied int64 vector of n token ids, RoPE positions or parents."""
-    return f"({n},) torch.int64"
+def test_no_graph_waits_for_the_host(tiny):
+    """The same check that finds no host read above flags a function that reads the device (planted: a
+    slice as long as a, in the judge)."""
+    log = graphs.InputLog()
 
-
-POS = "() torch.int64"           # the pass's start position: a 0-dim view into Captured.slot_ids
-STEP = (ids(1), POS)             # the one-token step (plain decoding's, a chain's draft step)
-
-
-@pytest.mark.parametrize("method, kw, copied", [
-    (generate, dict(sparsity="dense"), {0: STEP}),
-    (generate, dict(sparsity="coarse"), {0: STEP}),
-    # the draft step; the verify window: 4 tokens, the position; the judge: the tree's tokens and parents
-    (sirius, dict(sparsity="fine", period=4, width=1, strict=True), {0: STEP, 1: (ids(4), POS),
-                                                                      2: (ids(4), ids(4))}),
-    # + the tree's w-token step (tokens, position, RoPE positions); the window is 1 + 3·3 = 10 nodes
-    (sirius, dict(sparsity="coarse", period=4, width=3, strict=True), {0: STEP, 1: (ids(3), POS, ids(3)),
-                                                                        2: (ids(10), POS, ids(10)),
-                                                                        3: (ids(10), ids(10))}),
-])
-def test_every_graph_reads_in_place_and_none_compiles_again(tiny, method, kw, copied):
-    """Each graph copies exactly the int64 inputs listed (weights, slices, KV cache and masks are read in
-    place), the second request compiles nothing, no graph reads the host, and the tokens are eager's."""
-    log, warm, first, second = run_twice(tiny, method, **kw)
-    assert warm == log.graphs == len(copied)                              # nothing new on the second request
-    assert {(number, tuple(inputs)) for number, _, inputs in log.calls} == set(copied.items())
-    assert max(size for _, size, _ in log.calls) <= 168                   # bytes copied per replay
-    assert log.host_reads == []
-    eager = [method(tiny, p, n, **kw).tokens for p, n in ((torch.arange(10), 24), (torch.arange(3, 20), 40))]
-    assert [first.tokens, second.tokens] == eager                         # and the graphs decode the same
-    if method is sirius:
-        assert len(second.advances) >= 3 and second.corrections > 0         # several periods, and corrections
+    def reads_the_host(logits, tree, **rule):
+        packed = judge_period(logits, tree, **rule)[0]
+        return packed[: int(packed[1]) + 3]
+    logits0, mlp = sirius_min.prefill_and_sparse_mlp(tiny, torch.arange(10), "fine", 0.5)
+    tree = sirius_min.draft_tree(tiny, mlp, logits0.argmax(-1), 10, 4, 1, sirius_min.Sampling())
+    rule = dict(period=4, width=1, rule="argmax", threshold=0.1, sampling=sirius_min.Sampling())
+    torch.compile(reads_the_host, backend=log, fullgraph=True)(tiny(tree.tokens, 10), tree, **rule)
+    assert len(log.host_reads) >= 1
 
 
 def test_the_log_counts_what_a_graph_would_copy(tiny):
-    """The check above can fail: coarse slices held as plain tensors made for the request (the design
-    before CoarseMLP's buffers) are inputs a CUDA graph copies on every replay, and the log names them. The
-    one-token step then copies 24,592 bytes, its 16 plus four fp32 slices, which neither the expected list
-    nor the 168-byte bound above admits."""
+    """Coarse slices held as plain tensors made for the request (not CoarseMLP's buffers) are inputs a CUDA
+    graph copies on every replay, and the log names them: four fp32 slices beside the token and position."""
+    from kernels import dense_mlp, slice_mlp
+
     class FreshSlices:
         def __init__(self, model, idx):
             self.sliced = [slice_mlp(layer, i) for layer, i in zip(model.layers, idx)]
@@ -75,29 +146,28 @@ def test_the_log_counts_what_a_graph_would_copy(tiny):
             return dense_mlp(x, self.sliced[i])
 
     log = graphs.InputLog()
-    model = graphs.capture(tiny, log)
-    model(torch.tensor([5]), 10, FreshSlices(tiny, [torch.arange(0, 64, 2)] * 2))      # k = 32 of D = 64
-    h, k, layers = 32, 32, 2
+    graphs.capture(tiny, log)(torch.tensor([5]), 10, FreshSlices(tiny, [torch.arange(0, 64, 2)] * 2))
+    h, k = 32, 32                                                          # k = 32 of D = 64
     _, size, inputs = log.calls[-1]
-    assert inputs == [*STEP, *[f"({h}, {2 * k}) torch.float32", f"({k}, {h}) torch.float32"] * layers]
-    assert size == layers * (h * 2 * k + k * h) * 4 + 2 * 8 == 24592      # fp32 slices, token, position
+    assert inputs == ["(1,) torch.int64", "() torch.int64",
+                      *[f"({h}, {2 * k}) torch.float32", f"({k}, {h}) torch.float32"] * 2]
+    assert size == 2 * (h * 2 * k + k * h) * 4 + 2 * 8
 
 
-def test_no_graph_waits_for_the_host(tiny):
-    """A fine tree's graphs under the threshold rule (draft steps, verify window, judge) are free of values
-    the host must wait for (test_every_graph_reads_in_place_and_none_compiles_again checks plain decoding and
-    the argmax rule, on a fine chain and a coarse tree); the same check flags a function that reads the
-    device (planted: a slice as long as a)."""
-    log = graphs.InputLog()
-    sirius(graphs.capture(tiny, log), torch.arange(10), 24, sparsity="fine", period=4, width=3)
-    assert log.graphs == 4 and log.host_reads == []
+def test_a_compiled_pass_writes_only_its_slots():
+    """Inductor (its CPU backend: the same graph passes as for CUDA) compiles the one-token step so that it
+    writes T slots of each layer's KV cache in place: no loop in its generated code runs over a whole cache
+    (a copy-back of a rebuilt cache would), at two cache sizes."""
+    import re
 
-    def reads_the_host(logits, tree, **kw):
-        packed = judge_period(logits, tree, **kw)[0]
-        return packed[: int(packed[1]) + 3]
-    logits0, mlp = sirius_min.prefill_and_sparse_mlp(tiny, torch.arange(10), "fine", 0.5)
-    tree = draft_tree(tiny, mlp, logits0.argmax(-1), 10, 4, 3, Sampling())
-    logits = tiny(tree.tokens, 10, **tree_pass_args(tree.sees, 10, range(len(tree.tokens)), tree.depth, 3))
-    kw = dict(period=4, width=3, rule="argmax", threshold=0.1, sampling=Sampling())
-    torch.compile(reads_the_host, backend=log, fullgraph=True)(logits, tree, **kw)
-    assert len(log.host_reads) >= 1
+    from torch._inductor.utils import run_and_get_code
+
+    shape = bench.llama3_8b_config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64)
+    for slots in (64, 96):
+        model = bench.random_llama(shape, "cpu", torch.float32, max_seq_len=slots)
+        step = torch.compile(model, **graphs.compile_options("inductor") | dict(mode=None))
+        _, code = run_and_get_code(step, torch.tensor([3]), torch.tensor(5))
+        bounds = [int(n) for n in re.findall(r"<static_cast<int64_t>\((\d+)L\);", "\n".join(code))]
+        cache = shape.num_key_value_heads * slots * shape.head_dim                 # one layer's keys
+        assert bounds and max(bounds) < cache, (slots, max(bounds))

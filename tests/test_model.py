@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch.nn.attention.bias import causal_lower_right
 
-from conftest import TINY_CONFIG, encode_chat, rel_err, twin, write_checkpoint
+from conftest import TINY_CONFIG, encode_chat, kv, rel_err, twin, write_checkpoint
 from checkpoint import load_model
 from model import Llama, grouped_attention
 
@@ -151,13 +151,14 @@ def test_move_kv_copies_slots(tiny, start):
     """move_kv(slots, start) puts those slots' keys and values at start, start+1, ...; the rest stay. The
     slots may overlap their destination (slot 12 is read and written)."""
     tiny(random_tokens(20, seed=3), 0)
-    k, v = tiny.cache_k.clone(), tiny.cache_v.clone()
+    k, v = kv(tiny)
     tiny.move_kv(torch.tensor([12, 15, 19]), start)
-    assert torch.equal(tiny.cache_k[:, :, 10:13], k[:, :, [12, 15, 19]])
-    assert torch.equal(tiny.cache_v[:, :, 10:13], v[:, :, [12, 15, 19]])
+    k2, v2 = kv(tiny)
+    assert torch.equal(k2[:, :, 10:13], k[:, :, [12, 15, 19]])
+    assert torch.equal(v2[:, :, 10:13], v[:, :, [12, 15, 19]])
     rest = [i for i in range(128) if i not in (10, 11, 12)]
-    assert torch.equal(tiny.cache_k[:, :, rest], k[:, :, rest])
-    assert torch.equal(tiny.cache_v[:, :, rest], v[:, :, rest])
+    assert torch.equal(k2[:, :, rest], k[:, :, rest])
+    assert torch.equal(v2[:, :, rest], v[:, :, rest])
 
 
 def test_pass_beyond_the_cache_is_refused(tiny):
@@ -251,8 +252,9 @@ def test_static_path_equals_int_path(tiny):
     tokens, positions, mask = tree_inputs(15, g)
     want = tiny(tokens, 15, positions=positions, mask=mask)
     assert rel_err(static(tokens, pos(15), positions=positions, mask=mask), want) <= 1e-5
-    assert rel_err(static.cache_k[:, :, :20], tiny.cache_k[:, :, :20]) <= 1e-5     # layer 0's are equal,
-    assert rel_err(static.cache_v[:, :, :20], tiny.cache_v[:, :, :20]) <= 1e-5     # later ones to rounding
+    (sk, sv), (tk, tv) = kv(static), kv(tiny)
+    assert rel_err(sk[:, :, :20], tk[:, :, :20]) <= 1e-5     # layer 0's are equal,
+    assert rel_err(sv[:, :, :20], tv[:, :, :20]) <= 1e-5     # later ones to rounding
     assert rel_err(static(prompt, pos(0), last_only=True), tiny(prompt, 0)[-1:]) <= 1e-5
 
 
@@ -319,7 +321,7 @@ def test_to_another_dtype(tiny):
     """.to(float64) moves weights, cache and RoPE tables together: the same logits, to fp32's precision."""
     tokens = random_tokens(10, seed=9)
     want, wide = tiny(tokens, 0).double(), copy.deepcopy(tiny).to(torch.float64)
-    assert wide.cache_k.dtype == wide.layers[0].wqkv.dtype == wide.cos.dtype == torch.float64
-    assert tiny.cache_k.dtype == tiny.layers[0].wqkv.dtype == torch.float32          # a copy was moved
+    assert wide.layers[1].cache_k.dtype == wide.layers[0].wqkv.dtype == wide.cos.dtype == torch.float64
+    assert tiny.layers[1].cache_k.dtype == tiny.layers[0].wqkv.dtype == torch.float32          # a copy was moved
     got = wide(tokens, 0)
     assert got.dtype == torch.float64 and rel_err(got, want) <= 1e-5

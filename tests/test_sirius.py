@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import sirius_min
-from conftest import PROMPTS, encode_chat, rel_err, twin
+from conftest import PROMPTS, encode_chat, kv, rel_err, twin
 from kernels import MLPWeights, dense_mlp, griffin_scores, n_kept, swiglu
 from bench import full_model_nll
 from tracing import Trace
@@ -662,8 +662,8 @@ def test_cache_holds_full_kv_after_every_period(request, monkeypatch, name, spar
         seq = seq + [int(t0)] + drafts
         fresh(torch.tensor(seq), 0)
         L = len(seq)
-        checks.append(max(rel_err(model.cache_k[:, :, :L], fresh.cache_k[:, :, :L]),
-                          rel_err(model.cache_v[:, :, :L], fresh.cache_v[:, :, :L])))
+        (k, v), (fresh_k, fresh_v) = kv(model), kv(fresh)
+        checks.append(max(rel_err(k[:, :, :L], fresh_k[:, :, :L]), rel_err(v[:, :, :L], fresh_v[:, :, :L])))
         return drafts, nxt, nxt_tensor
 
     monkeypatch.setattr(sirius_min, "sirius_period", checked_period)
