@@ -12,6 +12,7 @@ import re
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,8 +20,8 @@ import torch
 import kernels
 from model import Llama, LlamaConfig
 from folder import UsageError, encode, load_weights, open_model_folder, read_text
-from sirius_min import (average_advance_length, effective_density, generate,
-                        prefill_and_sparse_mlp, sirius, sirius_period, tree_pass_args)
+from sirius_min import (Sampling, Tree, average_advance_length, effective_density, generate,
+                        prefill_and_sparse_mlp, sirius, sirius_period, tree_pass_args, verify_period)
 
 def full_model_nll(model, prompt, tokens):
     """Mean negative log-likelihood of `tokens` after `prompt` under the full model: how plausible the
@@ -400,12 +401,17 @@ def side_by_side_chains(period, width, device):
 def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict, reps):
     """Seconds of one Sirius period and of its parts, each pass with the positions and mask the period gives
     it (sirius_min.tree_pass_args): the root's draft step (one token), a draft step over one depth (w tokens),
-    the verify pass (1 + (K-1)·w tokens) and a whole `sirius_period`. "rest" is the period minus root,
-    K-2 draft steps and the verify pass: choosing tokens, the acceptance rule, the back-gather, the
-    read-back. A captured model (graphs.capture) times its graphs (verify: the pass alone)."""
+    the verification (sirius_min.verify_period: the full pass over 1 + (K-1)·w tokens and the verdict; one
+    graph on a captured model) and a whole `sirius_period`. "rest" is the period minus root, K-2 draft steps
+    and the verification: choosing draft tokens, the read-back, the back-gather."""
     dev = t0.device
     depth, sees = side_by_side_chains(period, width, dev)
     tokens = t0.view(1).repeat(len(depth))                  # the tokens do not change a pass's cost
+    parent = torch.tensor([0] + [max(0, j - width) for j in range(1, len(depth))], device=dev)
+    tree = Tree(tokens, parent, depth, sees)
+    rule = dict(period=period, width=width, threshold=threshold, sampling=Sampling(),
+                rule="argmax" if strict else "threshold")
+    verify = getattr(model, "verify", None) or partial(verify_period, model)
 
     def step(nodes, mlp):                                   # one pass over `nodes`, as sirius_period runs it
         return model(tokens[nodes.start:nodes.stop], pos + nodes.start, mlp,
@@ -414,7 +420,7 @@ def sirius_parts(model, sparse_mlp, t0, pos, *, period, width, threshold, strict
     middle = range(1 + (period // 2 - 1) * width, 1 + period // 2 * width)   # the nodes of one depth
     t = dict(root=timer(lambda: step(range(0, 1), sparse_mlp), reps, dev),
              draft=timer(lambda: step(middle, sparse_mlp), reps, dev),
-             verify=timer(lambda: step(range(0, len(depth)), None), reps, dev),
+             verify=timer(lambda: verify(tree, pos, **rule), reps, dev),
              period=timer(lambda: sirius_period(model, sparse_mlp, t0.view(1), pos, period=period,
                                                 width=width, threshold=threshold, strict=strict,
                                                 verify=getattr(model, "verify", None)),

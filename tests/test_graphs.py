@@ -3,10 +3,10 @@ replay, that no graph reads memory an earlier iteration owned, that nothing comp
 graph waits for the host, that the tokens are the reference's, and that a KV-cache write stays in place.
 
 graphs.InputLog is a torch.compile backend that runs each graph as it is and applies the rules of torch's
-torch/_inductor/cudagraph_trees.py (see its docstring): every call of a compiled function begins an iteration
-(here: every pass, by graphs.Captured's mark), inputs other than weights, buffers and static tensors are copied
-before each replay, and the outputs of an earlier iteration are freed (reading one raises). The same capture
-code runs under Inductor on a GPU: only the backend differs.
+torch/_inductor/cudagraph_trees.py (see its docstring): every pass begins an iteration (graphs.Captured marks
+it), inputs other than weights, buffers and static tensors are copied before each replay, and the outputs of
+an earlier iteration are freed (a graph reading one raises). The same capture code runs under Inductor on a
+GPU: only the backend differs.
 """
 import dataclasses
 
