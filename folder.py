@@ -323,6 +323,23 @@ def read_stdin_prompt() -> str:
         raise UsageError(f"the prompt on stdin is not valid UTF-8 (line {line})") from None
 
 
+def read_prompt(arg: str) -> str:
+    """The prompt `--prompt` gives: the argument, or standard input for "-"; either way the UTF-8 text its
+    bytes spell, without a leading byte-order mark (some editors put one first). argv's bytes are taken back
+    from the text the locale decoded them to (os.fsencode), so that a C locale without UTF-8 mode accepts
+    in argv the same bytes it accepts on stdin."""
+    if arg == "-":
+        return read_stdin_prompt().removeprefix("\ufeff")
+    try:
+        raw = os.fsencode(arg)
+    except UnicodeEncodeError:  # not argv's bytes decoded (a caller's text the locale cannot spell): as given
+        return arg.removeprefix("\ufeff")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        raise UsageError("the prompt is not valid UTF-8") from None
+
+
 def encode(args, folder: Folder, text: str, examples=()) -> torch.Tensor:
     """A user's prompt as the model's input ids, checked (not empty, valid UTF-8, fits the context)."""
     if not text.strip():
