@@ -206,7 +206,8 @@ def sliding_window(hf, family, n_layers, num, flag):
     if types is not None and not set(types) <= {"full_attention", "sliding_attention"}:
         raise CheckpointError(f"layer_types {types!r}: only full_attention and sliding_attention are known")
     if types is not None and len(types) != n_layers:
-        raise CheckpointError(f"layer_types has {len(types)} entries, one per layer, but num_hidden_layers is {n_layers}")
+        raise CheckpointError(f"layer_types has {len(types)} entries, one per layer, but num_hidden_layers "
+                              f"is {n_layers}")
     if rule == "mistral":       # every layer; an absent key is the default window, null is none
         given = json_field(hf, "sliding_window", "integer", "null", default=defaults["sliding_window"])
         return None if given is None else num("sliding_window", value=given)
