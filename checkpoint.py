@@ -238,7 +238,8 @@ def rope_fields(hf, context):
     if len(kinds) == 2 and kinds[0] != kinds[1]:
         raise CheckpointError(f"rope_parameters and rope_scaling disagree: {given}")
     # transformers 5 reads a rope_theta inside rope_scaling as inside rope_parameters
-    thetas = {f"{n}' rope_theta": d["rope_theta"] for n, d in given.items() if d.get("rope_theta") is not None}
+    thetas = {f"{n}' rope_theta": d["rope_theta"] for n, d in given.items()
+              if d.get("rope_theta") is not None}
     theta = json_field(hf, "rope_theta", "number", "null")
     if theta is not None:
         thetas = {"rope_theta": theta, **thetas}
