@@ -60,9 +60,13 @@ def arithmetic_task(n=200, seed=0):
 
 
 def load_gsm8k(path):
-    """GSM8K's jsonl: {"question": ..., "answer": "... #### 42"} per line, UTF-8 (refused naming the line)."""
+    """GSM8K's jsonl: {"question": ..., "answer": "... #### 42"} per line, UTF-8 (refused naming the line).
+    JSON Lines ends a line at \n (or \r\n) only: U+2028, U+0085 and the other breaks str.splitlines knows
+    are text inside a question. A leading byte-order mark is dropped, as from a prompt."""
     problems = []
-    for n, line in enumerate(read_text(path, UsageError).splitlines(), 1):
+    text = read_text(path, UsageError).removeprefix("\ufeff")
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

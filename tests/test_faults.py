@@ -288,6 +288,53 @@ def test_eval_data_of_the_wrong_kind(tiny_dir, tmp_path, capsys):
     assert "/dev/zero: not a regular file (a device)" in error_of(model[:-1] + ["/dev/zero"], capsys)
 
 
+def test_eval_data_lines_end_at_newline_only(tmp_path):
+    """JSON Lines ends a line at \n (a \r before it is part of the ending): the other breaks str.splitlines
+    knows (U+2028, U+0085, \v, \f, \x1c) are text in a question, valid JSON. A leading byte-order mark is
+    dropped, as a prompt's is."""
+    import bench
+
+    questions = ["a\u2028b?", "c\x85d?", "e\x0bf\x0cg?", "h\x1ci\u2029j?"]
+    rows = [json.dumps({"question": q, "answer": f"#### {n}"}, ensure_ascii=False)
+            for n, q in enumerate(questions)]
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(("\ufeff" + "\r\n".join(rows[:2]) + "\n" + "\n".join(rows[2:]) + "\r\n").encode())
+    assert bench.load_gsm8k(data) == [(q, n) for n, q in enumerate(questions)]
+
+
+def test_no_home_directory(monkeypatch, capsys):
+    """HOME unset and no passwd entry for the user (a container's): the embedded model's cache has no place
+    by default, so run.py and convert_gguf.py say so in one line, naming what to set."""
+    import pwd
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("SIRIUS_MIN_CACHE", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    says = "no home directory to find ~ in: set HOME, or SIRIUS_MIN_CACHE"
+    assert says in error_of(["--prompt", "hi"], capsys)
+    assert convert_gguf.main([]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_a_cache_that_is_not_a_folder(tmp_path, monkeypatch, capsys):
+    """SIRIUS_MIN_CACHE naming a device, a file, or a path through one: one line saying which is not a
+    folder, from run.py and convert_gguf.py; nothing is made."""
+    (tmp_path / "file").write_text("x")
+    file = tmp_path / "file"
+    for cache, culprit in (("/dev/null", "/dev/null"), ("/dev/null/sub", "/dev/null"), (file, file),
+                           (file / "a" / "b", file)):
+        monkeypatch.setenv("SIRIUS_MIN_CACHE", str(cache))
+        says = f"error: {culprit}: not a folder, so the model cache {cache} cannot be made there"
+        assert error_of(["--prompt", "hi"], capsys).startswith(says)
+        assert convert_gguf.main([]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(says) and err.count("\n") == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "x"
+
+
 def test_closed_stdin_prompt(tiny_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", None)
     assert "standard input is closed" in error_of(["--model", str(tiny_dir), "--prompt", "-"], capsys)
@@ -390,6 +437,42 @@ def test_output_to_a_terminal_that_is_gone(tiny_dir, monkeypatch, capsys, comman
         assert len(writes) == 2 and writes[1].endswith(b"what is left")  # into /dev/null, not failing again
     finally:
         os.close(gone)
+
+
+def c_locale():
+    """The environment of a C locale without UTF-8 mode: Python reads argv and writes stdout as ASCII."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING"))}
+    return {**env, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+
+def test_output_the_terminal_cannot_encode(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Standard output in ASCII (PYTHONIOENCODING=ascii, a C locale), as run.py wraps it from the shell: a
+    prompt beyond ASCII is shown escaped, no UnicodeEncodeError; the run goes on to its table."""
+    with open(tmp_path / "out", "w", encoding="ascii") as ascii_out:
+        monkeypatch.setattr(sys, "stdout", run.shell_stdout(ascii_out))
+        run.main(["--model", str(tiny_dir), "--prompt", "caf\u00e9 \u2615?", "--sparsity", "dense",
+                  "--max-new-tokens", "2"])
+        sys.stdout.flush()
+    out = (tmp_path / "out").read_bytes()
+    assert out.startswith(b"prompt: caf\\xe9 \\u2615?\n") and b"\ndense " in out, out
+    assert capsys.readouterr().err == ""
+
+
+def test_a_prompt_reads_the_same_from_argv_and_stdin(tiny_dir):
+    """In a C locale without UTF-8 mode (Python decodes argv as ASCII), a UTF-8 prompt in argv is read as the
+    same bytes on stdin are: accepted, the same run. (Bytes that are not UTF-8 are refused from either:
+    tests/test_run.py.)"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING"))}
+    env.update(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    argv = ["--model", str(tiny_dir), "--sparsity", "dense", "--max-new-tokens", "2", "--prompt"]
+    prompt = "caf\u00e9?".encode()
+    runs = [(start(argv + [prompt], env=env), None),
+            (subprocess.Popen([sys.executable, "run.py", *argv, "-"], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env), prompt)]
+    done = [(proc.communicate(stdin, timeout=120), proc.returncode) for proc, stdin in runs]
+    untimed = [(out.split(b"\nmethod ")[0], err, code) for (out, err), code in done]  # (the table: timings)
+    assert untimed[0] == untimed[1] and untimed[0][1:] == (b"", 0), untimed
+    assert untimed[0][0].startswith(b"prompt: caf\\xe9?\n\n--- dense ---\n"), untimed
 
 
 def signal_when(runs, timeout=90):

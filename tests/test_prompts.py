@@ -232,8 +232,10 @@ def tiny_folder(tmp_path):
     ("tokenizer_config.json", {"chat_template": "{{ raise_exception('roles must alternate') }}"},
      "roles must alternate"),
     ("tokenizer_config.json", {"chat_template": "{{ messages[0].content | upper }}"}, "rewrites the"),
-    ("generation_config.json", {"eos_token_id": "2"}, "eos_token_id must be a token id"),
-    ("generation_config.json", {"eos_token_id": [2, 100]}, "eos_token_id must be a token id"),
+    ("generation_config.json", {"eos_token_id": "2"}, "eos_token_id must be a whole number or a list of whole "
+                                                      "numbers or null, got a string"),
+    ("generation_config.json", {"eos_token_id": [2, 100]}, "eos_token_id [2, 100] is not a token id of the "
+                                                           "model's vocabulary (100)"),
     ("generation_config.json", "not json", "is not valid JSON"),
 ])
 def test_broken_prompt_files_are_one_line_naming_the_file(tiny_folder, capsys, file, content, says):

@@ -318,7 +318,8 @@ def test_speed_against_refuses_what_it_cannot_run(args, says):
 
 @pytest.mark.parametrize("change, says", [
     ([1, 2], "expected a JSON object"),
-    ({"max_position_embeddings": "long"}, "max_position_embeddings must be a positive whole number"),
+    ({"max_position_embeddings": "long"}, "max_position_embeddings must be a whole number or null, got a "
+                                          "string"),
     ({"num_attention_heads": 0}, "num_attention_heads must be"),
     ({"num_hidden_layers": -1}, "num_hidden_layers"),
     ({"hidden_size": {"a": 1}}, "hidden_size must be"), ({"eos_token_id": "2"}, "eos_token_id must be"),

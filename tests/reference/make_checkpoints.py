@@ -282,6 +282,60 @@ def write_families(out: Path, ids: list) -> list:
     return entries
 
 
+def edited_config(folder: Path, **changes) -> dict:
+    """Rewrite a saved folder's config.json with changes (None removes a key), as a person's edit would."""
+    config = {**json.loads((folder / "config.json").read_text()), **changes}
+    config = {k: v for k, v in config.items() if v is not None}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+@torch.no_grad()
+def write_edited(out: Path, ids: list) -> list:
+    """Folders transformers reads differently from what their config.json says, saved and then edited (its
+    save_pretrained would write the config out whole): a tied config over a stored lm_head that differs from
+    the embedding, and llama3 RoPE without original_max_position_embeddings."""
+    entries = []
+    name = "qwen2_tied_stored_head"
+    folder = out / name
+    random_model(make_config(Qwen2Config)).save_pretrained(folder)   # untied: lm_head.weight is stored
+    edited_config(folder, tie_word_embeddings=True)
+    model = load(folder)
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight), "transformers tied them"
+    data = golden(name, folder, ids)
+    model.lm_head.weight.copy_(model.model.embed_tokens.weight)        # what tying would have computed
+    data["tied_embedding_max_abs_diff"] = sig6(float((run_logits(model, ids)[0] -
+                                                      torch.tensor(data["logits"])).abs().max()))
+    assert data["tied_embedding_max_abs_diff"] > 0.1, "the stored head and the embedding give the same logits"
+    write_golden(folder / "golden.json", data)
+    entries.append(entry(name, "supported", "Qwen2 whose config.json says tie_word_embeddings true over a "
+                         "file holding an lm_head.weight that differs from the embedding (an untied model's "
+                         "file, the config edited): transformers 5 keeps the stored head, untied; "
+                         "tied_embedding_max_abs_diff: how far tying would move its logits",
+                         golden="golden.json"))
+
+    name = "llama3_rope_no_original"
+    folder = out / name
+    rope = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}
+    random_model(make_config(rope_parameters=dict(rope))).save_pretrained(folder)   # (the config fills its dict)
+    config = edited_config(folder, rope_parameters=rope)               # save_pretrained wrote the filled one
+    assert "original_max_position_embeddings" not in config["rope_parameters"]
+    data = golden(name, folder, ids)
+    data["unscaled_rope_max_abs_diff"] = sig6(unscaled_rope_diff(load(folder), ids))
+    assert data["unscaled_rope_max_abs_diff"] > 0.1, f"{name}: rope scaling leaves the logits alone"
+    with_16 = json.loads((out / "llama3_rope" / "golden.json").read_text())   # same weights, original 16
+    data["original_16_max_abs_diff"] = sig6(float((torch.tensor(data["logits"]) -
+                                                   torch.tensor(with_16["logits"])).abs().max()))
+    assert data["original_16_max_abs_diff"] > 0.1, "filling original_max_position_embeddings changes nothing"
+    write_golden(folder / "golden.json", data)
+    entries.append(entry(name, "supported", "rope_type llama3 (factor 8, low/high_freq_factor 1/4) without "
+                         f"original_max_position_embeddings: transformers 5 takes max_position_embeddings "
+                         f"({BASE['max_position_embeddings']}) for it; llama3_rope's weights; "
+                         "original_16_max_abs_diff: how far llama3_rope's logits (16) are",
+                         golden="golden.json"))
+    return entries
+
+
 def write_refused(out: Path) -> list:
     entries = []
     for name, (changes, exercises, mention) in REFUSED_CONFIG.items():
@@ -543,7 +597,8 @@ def main():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     ids = golden_ids(BASE["vocab_size"])
-    variants = write_supported(args.out, ids) + write_refused(args.out) + write_families(args.out, ids)
+    variants = write_supported(args.out, ids) + write_refused(args.out) + write_families(args.out, ids) + \
+        write_edited(args.out, ids)
     (args.out / "chat").mkdir()
     chat = chat_golden(args.model_dir / "tokenizer.json", args.gguf)
     (args.out / "chat" / "golden.json").write_text(json.dumps(chat, indent=1, ensure_ascii=False) + "\n")
