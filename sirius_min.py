@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from kernels import SPARSITIES, MLPWeights, check_keep, dense_mlp, density, fine_mlp, griffin_scores, \
     n_kept, select_coarse, slice_mlp, swiglu
@@ -39,6 +40,72 @@ class Model(Protocol):
     def __call__(self, tokens, start_pos, mlp=None, *, positions=None, mask=None, last_only=False): ...
 
     def move_kv(self, slots, start): ...
+
+
+# --- Sirius as the paper describes it: the reference --------------------------------------------------
+# A greedy chain in plain code, sharing nothing with the fast path below but the model's forward: the
+# oracle that the chain and the tree, strict trees, fine_mlp's plans and CoarseMLP are tested against.
+
+def reference_swiglu(layer, x, kept=1):
+    """Layer's SwiGLU MLP (T, h) with each neuron's activation times kept (1, or a 0/1 mask (D,) or (T, D)),
+    and SiLU(gate) and the activations (T, D), before the mask."""
+    b_gate_up, b_down = getattr(layer, "b_gate_up", None), getattr(layer, "b_down", None)
+    gate_up = x @ layer.w_gate_up + (0 if b_gate_up is None else b_gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)                                                # (T, D) each
+    z = F.silu(gate) * up
+    return (z * kept) @ layer.w_down + (0 if b_down is None else b_down), F.silu(gate), z
+
+
+def reference_prefill(model, prompt, sparsity, keep):
+    """The dense prefill's last logits (1, V), and the request's sparse MLP (i, x) as the paper defines it:
+    k = f·D neurons kept, the others' activations zeroed. Fine: each token its own k with the largest
+    |SiLU(gate)|. Coarse (GRIFFIN), once from the prompt: the k whose activations over the prompt tokens
+    have the largest norm, each token's activations scaled to unit norm first."""
+    k, acts = max(1, round(keep * model.cfg.intermediate_size)), []
+
+    def recording(i, x):                                   # the dense MLP, keeping each layer's activations
+        out, _, z = reference_swiglu(model.layers[i], x)
+        acts.append(z)
+        return out
+
+    def fine(i, x):
+        a = reference_swiglu(model.layers[i], x)[1].abs()                         # (T, D) |SiLU(gate)|
+        kept = torch.zeros_like(a).scatter_(-1, a.topk(k).indices, 1)               # each row its own k
+        return reference_swiglu(model.layers[i], x, kept)[0]
+
+    logits = model(prompt, 0, mlp=recording, last_only=True)
+    unit = [z.float() / z.float().norm(dim=-1, keepdim=True) for z in acts]   # (T, D) rows of norm 1
+    best = [u.norm(dim=0).topk(k).indices for u in unit]                      # (k,) a layer: by column norm
+    masks = [torch.zeros_like(z[0]).index_fill_(0, idx, 1) for z, idx in zip(acts, best)]
+    coarse = lambda i, x: reference_swiglu(model.layers[i], x, masks[i])[0]     # noqa: E731
+    return logits, fine if sparsity == "fine" else coarse
+
+
+def sirius_reference(model, prompt, max_new_tokens, *, sparsity, keep=0.5, period=16, threshold=0.1,
+                     strict=False, eos_ids=()):
+    """Greedy Sirius, a chain: the tokens and each verification's advance a + 1, as sirius(..., width=1)
+    gives them. Strict keeps a draft only if it is the full model's argmax."""
+    logits, sparse_mlp = reference_prefill(model, prompt, sparsity, keep)          # dense prefill
+    tokens, advances, pos = [int(logits[-1].argmax())], [], len(prompt)            # t0: the full model's
+    while tokens[-1] not in eos_ids and len(tokens) < max_new_tokens:
+        window = [tokens[-1]]                    # t0: emitted, not yet in the cache; it goes to slot pos
+        for i in range(period - 1):              # K-1 sparse steps, one token at a time: drafts d_1..d_{K-1}
+            z = model(torch.tensor(window[-1:], device=prompt.device), pos + i, mlp=sparse_mlp)   # (1, V)
+            window.append(int(z[-1].argmax()))
+        # One full pass over the K tokens of the window: its keys and values replace the sparse ones.
+        z = model(torch.tensor(window, device=prompt.device), pos)                               # (K, V)
+        p = torch.softmax(z.float() / ACCEPT_TEMPERATURE, dim=-1)
+        a = 0                                    # the longest plausible prefix: z[a] judges draft d_{a+1}
+        while a < period - 1 and (int(z[a].argmax()) == window[a + 1] if strict
+                                  else float(p[a, window[a + 1]]) >= threshold):
+            a += 1
+        for t in window[1:a + 1] + [int(z[a].argmax())]:           # the kept drafts, then the full model's
+            tokens.append(t)                                       # token (a correction or a bonus)
+            if t in eos_ids or len(tokens) == max_new_tokens:
+                break
+        advances.append(a + 1)
+        pos += a + 1                           # roll back: the next window starts right after the kept drafts
+    return tokens, advances
 
 
 # --- choosing a token: the argmax, or a sample from a distribution ---------------------------------
