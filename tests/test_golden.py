@@ -62,7 +62,7 @@ def test_logits_match_transformers(smollm, prompt, way):
 
 @pytest.mark.parametrize("bug", ["one neuron's down row x 1.001", "rms eps 2e-5", "lm_head in bf16"])
 def test_the_tolerance_catches_small_bugs(smollm, bug):
-    """The golden check fails for the loaded model perturbed in memory (restored afterwards), on one prompt."""
+    """The golden check fails for the model perturbed in memory (restored afterwards), on one prompt."""
     model, prompt = smollm[0], GOLDEN["prompts"][0]
     weight = model.layers[15].w_down if bug.startswith("one neuron") else model.lm_head
     saved, eps = weight.detach().clone(), model.cfg.rms_norm_eps

@@ -330,7 +330,8 @@ def test_the_papers_rule_samples_its_drafts():
     full = lambda c: sure(1) if len(c) == 2 else torch.log(probs((2, .5), (3, .5))) * 0.6  # noqa: E731
     model = FakeModel(full, lambda c: torch.log(probs((2, .7), (3, .3))))
     g = torch.Generator().manual_seed(0)
-    runs = [sirius(model, PROMPT, 2, sparsity="fine", period=2, temperature=1.0, generator=g) for _ in range(400)]
+    runs = [sirius(model, PROMPT, 2, sparsity="fine", period=2, temperature=1.0, generator=g)
+            for _ in range(400)]
     assert all(r.tokens[0] == 1 and r.tokens[1] in (2, 3) and r.from_full == [True, False] for r in runs)
     threes = sum(r.tokens[1] == 3 for r in runs) / 400
     assert abs(threes - 0.3) < 3.5 * math.sqrt(0.3 * 0.7 / 400)
@@ -758,11 +759,11 @@ class StandIn:
 @pytest.mark.parametrize("sparsity", ["fine", "coarse"])
 @pytest.mark.parametrize("width", [1, 3])
 def test_sirius_runs_on_a_model_written_to_the_contract(sparsity, width):
-    """Strict Sirius on the stand-in is its own dense greedy decoding, chain and tree. The paper's rule, checked
-    on a fresh causal pass over its answer: every kept draft has p >= 0.1 at 0.6 where it stands, every token
-    of the full model's is its argmax there, and some draft was kept that the full model would not have
-    written. Both against sirius_reference: strict, its tokens at any width; the paper's rule, a chain's
-    tokens and advances."""
+    """Strict Sirius on the stand-in is its own dense greedy decoding, chain and tree. The paper's rule,
+    checked on a fresh causal pass over its answer: every kept draft has p >= 0.1 at 0.6 where it stands,
+    every token of the full model's is its argmax there, and some draft was kept that the full model would
+    not have written. Both against sirius_reference: strict, its tokens at any width; the paper's rule, a
+    chain's tokens and advances."""
     model, prompt = StandIn(), torch.tensor([1, 2, 3, 4])
     dense = generate(model, prompt, 40).tokens
     strict = sirius(model, prompt, 40, sparsity=sparsity, keep=0.25, period=4, width=width, strict=True)
@@ -804,7 +805,8 @@ def syncs(monkeypatch):
 
 @pytest.mark.parametrize("sparsity, width, strict, temperature, top_p",
                          [("fine", 1, False, 0.0, 1.0), ("coarse", 3, False, 0.0, 1.0),
-                          ("fine", 2, True, 0.0, 1.0), ("coarse", 1, True, 0.8, 1.0), ("fine", 1, False, 0.8, 1.0),
+                          ("fine", 2, True, 0.0, 1.0), ("coarse", 1, True, 0.8, 1.0),
+                          ("fine", 1, False, 0.8, 1.0),
                           ("coarse", 1, True, 0.8, 0.9), ("fine", 1, False, 0.8, 0.9)])
 def test_one_host_sync_per_period(tiny, syncs, sparsity, width, strict, temperature, top_p):
     """sirius() waits for the device once for the first token and once per period: the packed read-back.
