@@ -47,7 +47,7 @@ ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "shells
 
 def arithmetic_task(n=200, seed=0):
     """Seeded problems for a 135M model (SmolLM2 solved 0.600 of the first 40 in the README's run): +, - and
-    x of small numbers, bare or as a one-line story. The answer is checked as a number (see extract_number)."""
+    x of small numbers, bare or as a one-line story. The answer is checked as a number (extract_number)."""
     rng, problems = random.Random(seed), []
     for i in range(n):
         a, b = rng.randint(2, 20), rng.randint(2, 9)
@@ -319,9 +319,9 @@ def bench_mlp(hidden, intermediate, fractions=(0.75, 0.5, 0.25), dtype=torch.flo
 
 
 def bench_fine_plans(hidden, intermediate, fractions=(0.5, 0.6, 0.7, 0.8, 0.9), reps=None, seconds=3.0):
-    """The measurement behind kernels.GATHER_BELOW: ms per decode-step fine MLP, CPU fp32, with the gather and
-    the mask plan forced, at each kept fraction f, on random weights (as bench_mlp). Rows: f, gather ms, mask ms,
-    their ratio, and the plan fine_plan takes."""
+    """The two plans kernels.GATHER_BELOW chooses between, measured: ms per decode-step fine MLP, CPU fp32,
+    with the gather and the mask plan forced, at each kept fraction f, on random weights (as bench_mlp). Rows:
+    f, gather ms, mask ms, their ratio, and the plan fine_plan takes."""
     g, dev = torch.Generator().manual_seed(0), torch.device("cpu")
     mlps = random_mlps(hidden, intermediate, torch.float32, dev, g)
     x = torch.randn(1, hidden, generator=g)

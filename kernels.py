@@ -1,10 +1,9 @@
 """The MLP products of Sirius's two sparse models, their neuron selection, and the density accounting.
 
 Needs only torch: copy this file into another project as is. Weights follow model.py's one layout, (in, out),
-applied as `x @ W`: w_gate_up (h, 2D) holds W_gate^T and W_up^T side by side, w_down (D, h) is W_down^T.
-A row of w_down is one neuron's down-projection, so a sparse step can read a neuron's row alone. x is (T, h);
-a decode step has T = 1. `keep` is the kept fraction f of the D MLP neurons; `density` is parameters read
-per token over all parameters, a property of a whole model.
+applied as `x @ W` (MLPWeights); a row of w_down is one neuron's, so a sparse step can read a neuron's row
+alone. x is (T, h); a decode step has T = 1. `keep` is the kept fraction f of the D MLP neurons; `density` is
+parameters read per token over all parameters, a property of a whole model.
 """
 import warnings
 from dataclasses import dataclass
@@ -13,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 SPARSITIES = ("dense", "fine", "coarse")
-# fine_mlp on a CPU in fp32 gathers the kept rows while keep < GATHER_BELOW and masks the dense product from
-# there on: 0.55 is a choice that gathers at the paper's f = 0.5. bench.py's bench_fine_plans measures
-# where gathering stops paying, at SmolLM2's shape and a Llama-3-8B layer's (README, "Speed").
+# fine_mlp on a CPU in fp32 gathers the kept rows while keep < GATHER_BELOW, else masks the dense product:
+# 0.55, a fixed choice that gathers at the paper's f = 0.5. bench.py's bench_fine_plans measures both plans.
 GATHER_BELOW = 0.55
 
 
@@ -63,30 +61,20 @@ def dense_mlp(x, mlp):
 
 
 # --- fine-grained (paper: FSparse): per token, the k neurons with the largest |SiLU(gate)| ------------------
-# CATS, which the paper builds on, keeps neurons above a threshold calibrated offline; like the paper's code,
-# we keep exactly the top k instead, so every step reads the same number of rows.
+# CATS keeps neurons above a threshold calibrated offline; like the paper's code, we keep the top k instead.
 
 def select_fine(act, k):
-    """The k neurons (k,), in no particular order, with the largest |act| (act: (T, D), SiLU(gate)). One row
-    (a decode step) picks its own top k. Several rows (one depth of a Sirius tree) share one set, the top k
-    of the sum over rows of |act|, so that a level reads one set of rows for all its branches."""
+    """The k neurons (k,), in no particular order, with the largest |act| (act: (T, D), SiLU(gate)). Several
+    rows (one depth of a Sirius tree) share one set, by the sum over rows of |act|: one set of rows read."""
     return act.abs().sum(0).topk(k, sorted=False).indices
 
 
-def fine_mlp_reference(x, mlp, k):
-    """The fine-sparse MLP as the paper writes it, for tests and readers: this step's top k neurons by
-    |SiLU(gate)|, then the smaller dense MLP of their rows. fine_mlp gets it without copying the rows."""
-    act = F.silu(gate_and_up(x, mlp)[0])                               # (T, D)
-    return dense_mlp(x, slice_mlp(mlp, select_fine(act, k)))
-
-
 def fine_plan(x, k, D):
-    """How fine_mlp reads the weights, and so which ideal (bytes) ratio it can reach (bench.mlp_bytes_ratio).
-    "gather" (CPU fp32/fp64, where sampled_addmm exists): all of W_gate, the kept rows of W_up and W_down.
-    "gather_down" (CPU, other dtypes, at every keep): W_gate and W_up whole, W_down's kept rows.
-    "mask": every weight once, unkept neurons zeroed: the paper's density emulated at dense's cost or more.
-    Off the CPU (CUDA's embedding_bag, as its source reads, loops over all k rows for each output element),
-    inside a captured graph, and on a CPU in fp32/fp64 from GATHER_BELOW."""
+    """How fine_mlp reads the weights, and so its ideal (bytes) ratio (bench.mlp_bytes_ratio). "gather" (CPU
+    fp32/fp64, where sampled_addmm exists): all of W_gate, the kept rows of W_up and W_down. "gather_down"
+    (CPU, other dtypes): W_gate and W_up whole, W_down's kept rows. "mask": every weight, unkept neurons
+    zeroed: off the CPU (CUDA's embedding_bag, as its source reads, loops over all k rows for each output
+    element), inside a captured graph, and on a CPU in fp32/fp64 from GATHER_BELOW."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():    # sparse CSR is not traced: mask there
         return "mask"
     if x.dtype not in (torch.float32, torch.float64):
@@ -106,10 +94,10 @@ def _kept_rows_dot(x, w_rows, idx):
 
 
 def fine_mlp(x, mlp, k, *, plan=None):
-    """The fine-sparse MLP (T, h), reading only the kept neurons' rows where that is faster (see `fine_plan`;
-    `plan` forces one, for the bench and tests). The gate is dense: choosing the neurons needs all of it.
-    The "gather" plan reads a neuron's up weights as one contiguous row of `mlp.up_rows` (W_up neuron-major,
-    made once at load). Equal to `fine_mlp_reference` up to rounding."""
+    """The fine-sparse MLP (T, h), read as `fine_plan` says by a fixed rule (`plan` forces one): on a CPU in
+    fp32, the kept neurons' rows gathered while keep < GATHER_BELOW, faster or not on the machine at hand.
+    The gate is dense: choosing the neurons needs all of it. "gather" reads a neuron's up weights as one
+    contiguous row of `mlp.up_rows` (W_up neuron-major, made once at load)."""
     D, b_down = mlp.w_down.shape[0], getattr(mlp, "b_down", None)
     if plan is None:
         plan = fine_plan(x, k, D)
@@ -139,9 +127,8 @@ def fine_mlp(x, mlp, k, *, plan=None):
 
 # --- coarse-grained (paper: CSparse, GRIFFIN): neurons chosen once from the prompt ------------------------
 def griffin_scores(z):
-    """Per-neuron score (D,) fp32 from the MLP activations z (T, D) = swiglu(...) of the dense prompt prefill.
-    Each token's activation row is normalised first, so every prompt token gets an equal vote; a neuron's
-    score is then the L2 norm of its column: large if it fires strongly for many tokens."""
+    """Per-neuron score (D,) fp32 from the activations z (T, D) of the dense prompt prefill: each token's row
+    normalised (an equal vote each), then each neuron's column norm: large if it fires for many tokens."""
     z = z.float()
     z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)               # each token's row to unit length
     return z.norm(dim=0)                                               # (D,)
@@ -154,8 +141,7 @@ def select_coarse(scores, k):
 
 def slice_mlp(mlp, idx, out=None):
     """The neurons idx (k,) as a smaller dense MLP: contiguous weights (h, 2k) and (k, h), gate and up biases
-    sliced alike, b_down unchanged. New tensors (3·h·k weights a layer, so that every later step reads
-    contiguous memory), or written in place into `out`, an MLPWeights of those shapes."""
+    sliced alike, b_down unchanged: new tensors, or written in place into `out` (an MLPWeights of them)."""
     D, h = mlp.w_down.shape
     cols = torch.cat([idx, D + idx])                                   # gate | up columns of the kept neurons
     b_gate_up = getattr(mlp, "b_gate_up", None)
@@ -188,8 +174,8 @@ def param_count(cfg):
 def density(cfg, keep, sparsity):
     """Parameters read per generated token / all parameters, by the paper's accounting: all but the skipped
     MLP rows count as read, the whole embedding table too (once if tied; a token reads one row of an untied
-    one). The MLP reads 3hk a layer coarse, h*D (its dense gate) + 2hk fine, with k = n_kept(D, keep); biases
-    count with their rows (they are tiny): all of b_gate for fine, the kept ones otherwise."""
+    one). The MLP reads 3hk a layer coarse, h*D (its dense gate) + 2hk fine, k = n_kept(D, keep); biases count
+    with their rows (all of b_gate for fine)."""
     if sparsity not in SPARSITIES:
         raise ValueError(f"unknown sparsity {sparsity!r}: expected one of {', '.join(SPARSITIES)}")
     if sparsity != "dense":

@@ -113,9 +113,8 @@ class Block(nn.Module):
     up_rows (D, h)                      W_up, row n = neuron n's up weights: a copy made where kernels.py's
         fine "gather" plan reads single neurons' rows (CPU, float32/64; see `Llama.make_up_rows`), else None.
     q_norm, k_norm (hd,)                RMSNorm weights over each head's q and k (qk_norm), else None
-    cache_k, cache_v (Hkv, S, hd)       the layer's KV cache, S = max_seq_len slots, shared by every pass
-        (dense, sparse, verification, tree). A buffer of its own, not a view of one big tensor: a compiled
-        graph that writes into a view rebuilds and copies back the whole tensor, into a buffer only T slots.
+    cache_k, cache_v (Hkv, S, hd)       the layer's KV cache (S = max_seq_len slots), buffers of its own: a
+        compiled graph writing into a view of one big tensor would rebuild and copy back all of it.
     A bias is None where the config has none (attention_bias or qkv_bias, mlp_bias).
     """
 
@@ -131,9 +130,8 @@ class Block(nn.Module):
         self.w_gate_up, self.b_gate_up = weight(h, 2 * D, **w), weight(2 * D, **w) if mlp_bias else None
         self.w_down, self.b_down = weight(D, h, **w), weight(h, **w) if mlp_bias else None
         self.register_buffer("up_rows", None, persistent=False)     # derived: not in the state_dict
-        for name in ("cache_k", "cache_v"):                           # the layer's part of the KV cache
-            self.register_buffer(name, torch.zeros(cfg.num_key_value_heads, max_seq_len, hd, **w),
-                                 persistent=False)
+        for name in ("cache_k", "cache_v"):      # shared by every pass: dense, sparse, verification, tree
+            self.register_buffer(name, torch.zeros(kv // hd, max_seq_len, hd, **w), persistent=False)
         self.n_heads, self.head_dim, self.eps = cfg.num_attention_heads, cfg.head_dim, cfg.rms_norm_eps
 
     def attention(self, x, cos, sin, slots, seen, mask):

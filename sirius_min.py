@@ -1,12 +1,11 @@
 """Generation with contextual sparsity, and Sirius: the sparse model writes, the full model corrects.
 
-Batch 1, greedy by default (temperature 0, as in the paper), sampling with a temperature and top-p. The sparse
-model is the full model's own weights with a sparse MLP passed through the model's MLP seam, so both share one
-KV cache. What this file needs of a model is `Model` below: model.py's Llama meets it, and so does the small
-stand-in in tests/test_sirius.py. Read top to bottom: the contract, choosing a token, the sparse MLPs and the
-prefill, the metrics, plain decoding, then Sirius: the acceptance rules, drafting (a chain, or a tree of width
-w), one period, the loop. A period waits for the device once (one packed read-back), plain decoding once per
-token. graphs.capture(model) wraps a Llama so that every decode pass (greedy: with the judge) is a graph.
+Batch 1, greedy (as in the paper) or sampled. The sparse model is the full model's weights with a sparse MLP
+passed through the model's MLP seam, so both share one KV cache. Read first: what this file needs of a model
+(`Model`), then `sirius_reference`, Sirius as the paper describes it. Then the fast path, depth a reader may
+skip: choosing a token, the sparse MLPs, metrics, plain decoding, the acceptance rules, drafting (a chain, or
+a tree of width w), one period (one host sync), the loop. graphs.capture(model) makes every decode pass a
+graph (greedy: the verification with its verdict).
 """
 import time
 import weakref
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from kernels import SPARSITIES, MLPWeights, check_keep, dense_mlp, density, fine_mlp, griffin_scores, \
     n_kept, select_coarse, slice_mlp, swiglu
@@ -32,7 +32,7 @@ class Model(Protocol):
     `move_kv(slots, start)` copies cached keys and values. `layers[i]` holds the MLP weights kernels.py reads
     (w_gate_up, w_down; optional biases, up_rows); `cfg` the config fields kernels.density counts. A model
     may bring its own `verify` (graphs.py's verify_period as one graph), used when greedy. Coarse sparsity
-    keeps one CoarseMLP per model in a WeakKeyDictionary: the model must be hashable and weak-referenceable."""
+    keeps one CoarseMLP per model in a WeakKeyDictionary: the model must be hashable and weakly referable."""
     cfg: Any
     max_seq_len: int
     layers: Sequence[Any]
@@ -40,6 +40,68 @@ class Model(Protocol):
     def __call__(self, tokens, start_pos, mlp=None, *, positions=None, mask=None, last_only=False): ...
 
     def move_kv(self, slots, start): ...
+
+
+# --- Sirius as the paper describes it: the reference, sharing nothing with the fast path below but the
+# model's forward. The oracle the chain and the tree, strict trees, fine_mlp and CoarseMLP are tested against.
+
+def reference_mlp(layer, x, kept=None, k=None):
+    """Layer's SwiGLU MLP (T, h) with only some neurons: those where the 0/1 mask `kept` (D,) is 1, or each
+    token's own k with the largest |SiLU(gate)| (fine sparsity); all of them with neither. And the
+    activations (T, D) before the cut."""
+    b_gate_up, b_down = getattr(layer, "b_gate_up", None), getattr(layer, "b_down", None)
+    gate, up = (x @ layer.w_gate_up + (0 if b_gate_up is None else b_gate_up)).chunk(2, dim=-1)  # (T, D)
+    z = F.silu(gate) * up
+    if k is not None:
+        kept = torch.zeros_like(z).scatter_(-1, F.silu(gate).abs().topk(k).indices, 1)          # (T, D)
+    return (z if kept is None else z * kept) @ layer.w_down + (0 if b_down is None else b_down), z
+
+
+def reference_prefill(model, prompt, sparsity, keep):
+    """The dense prefill's last logits (1, V), and the request's sparse MLP (i, x) as the paper defines it,
+    k = f·D neurons a layer. Fine: each token's own k (reference_mlp). Coarse (GRIFFIN), chosen once from
+    the prompt: the k whose activations over the prompt tokens have the largest norm, each token's
+    activations scaled to norm 1 first (so that every token gets an equal vote)."""
+    k, acts = max(1, round(keep * model.cfg.intermediate_size)), []
+
+    def recording(i, x):                                   # the dense MLP, keeping each layer's activations
+        out, z = reference_mlp(model.layers[i], x)
+        acts.append(z)
+        return out
+
+    logits = model(prompt, 0, mlp=recording, last_only=True)
+    if sparsity == "fine":
+        return logits, lambda i, x: reference_mlp(model.layers[i], x, k=k)[0]
+    unit = [z.float() / z.float().norm(dim=-1, keepdim=True) for z in acts]   # (T, D) rows of norm 1
+    best = [u.norm(dim=0).topk(k).indices for u in unit]                      # (k,) a layer: by column norm
+    masks = [torch.zeros_like(z[0]).index_fill_(0, idx, 1) for z, idx in zip(acts, best)]
+    return logits, lambda i, x: reference_mlp(model.layers[i], x, masks[i])[0]
+
+
+def sirius_reference(model, prompt, max_new_tokens, *, sparsity, keep=0.5, period=16, threshold=0.1,
+                     strict=False, eos_ids=()):
+    """Greedy Sirius, a chain: the tokens and each verification's advance a + 1 (sirius(..., width=1)'s).
+    A draft is kept while p = softmax(z / 0.6)[draft] >= threshold; strict: while it is the argmax of z."""
+    logits, sparse_mlp = reference_prefill(model, prompt, sparsity, keep)          # dense prefill
+    tokens, advances, pos = [int(logits[-1].argmax())], [], len(prompt)            # t0: the full model's
+    while tokens[-1] not in eos_ids and len(tokens) < max_new_tokens:
+        window = [tokens[-1]]                    # t0: emitted, not yet in the cache; it goes to slot pos
+        for i in range(period - 1):              # K-1 sparse steps, one token at a time: drafts d_1..d_{K-1}
+            z = model(torch.tensor(window[-1:], device=prompt.device), pos + i, mlp=sparse_mlp)   # (1, V)
+            window.append(int(z[-1].argmax()))
+        z = model(torch.tensor(window, device=prompt.device), pos)   # the full model, one pass: (K, V), and
+        p = torch.softmax(z.float() / ACCEPT_TEMPERATURE, dim=-1)    # its keys and values over the sparse
+        a = 0                                        # the longest plausible prefix: z[a] judges window[a + 1]
+        while a < period - 1 and (int(z[a].argmax()) == window[a + 1] if strict
+                                  else float(p[a, window[a + 1]]) >= threshold):
+            a += 1
+        for t in window[1:a + 1] + [int(z[a].argmax())]:           # the kept drafts, then the full model's
+            tokens.append(t)                                       # token (a correction or a bonus)
+            if t in eos_ids or len(tokens) == max_new_tokens:
+                break
+        advances.append(a + 1)
+        pos += a + 1                           # roll back: the next window starts right after the kept drafts
+    return tokens, advances
 
 
 # --- choosing a token: the argmax, or a sample from a distribution ---------------------------------
@@ -56,8 +118,7 @@ class Sampling:
 
 
 def token_probs(logits, sampling: Sampling):
-    """The distribution a token is sampled from (..., V), fp32: softmax(logits / T) cut to the smallest set
-    of most likely tokens whose probability reaches top_p (the nucleus), renormalised."""
+    """What a token is sampled from (..., V), fp32: softmax(logits / T) cut to the nucleus, renormalised."""
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -93,7 +154,7 @@ def check_sampling(temperature, top_p, generator) -> Sampling:
 
 # --- the two sparse MLPs (drop-in for the model's MLP seam) ----------------------------------------
 class FineMLP:
-    """Fine-grained sparsity: each step, in each layer, its own top-k neurons by |SiLU(gate)| (select_fine)."""
+    """Fine-grained sparsity: each step, in each layer, its own top-k neurons by |SiLU(gate)|."""
 
     def __init__(self, model, keep: float):
         self.layers, self.k = model.layers, n_kept(model.cfg.intermediate_size, keep)
@@ -104,9 +165,8 @@ class FineMLP:
 
 class CoarseMLP(torch.nn.Module):
     """Coarse-grained sparsity (GRIFFIN): neurons chosen once from the prompt (`select`: idx[i] in layer i),
-    their weights sliced once; every sparse step is then a smaller dense MLP. The slices are buffers, 3·h·k
-    numbers a layer, one set per model (`_coarse_mlps`; new when k changes), refilled in place by each
-    request, so that a captured graph reads them at the same address every time: one request at a time."""
+    their weights sliced once, so a sparse step is a smaller dense MLP. The slices are buffers, one set per
+    model (`_coarse_mlps`), refilled by each request so that a captured graph reads them in place."""
 
     def __init__(self, model, k: int):
         super().__init__()
@@ -139,8 +199,7 @@ _coarse_mlps = weakref.WeakKeyDictionary()   # model -> its CoarseMLP (at the la
 
 def prefill_and_sparse_mlp(model, prompt, sparsity="dense", keep=0.5):
     """The dense pass over the prompt: its last logits (1, V), and the request's sparse MLP (None if dense).
-    For coarse sparsity this is where the neurons are chosen, once, from the SwiGLU activations of every
-    prompt token: later multi-token passes (Sirius verification) are dense and never re-select."""
+    Coarse sparsity chooses its neurons here, once: Sirius's verification passes are dense and never do."""
     if sparsity not in SPARSITIES:
         raise ValueError(f"unknown sparsity {sparsity!r}: expected one of {', '.join(SPARSITIES)}")
     if len(prompt) < 1:
@@ -181,7 +240,7 @@ class Result:
     period: int = 1                               # K; 1 for plain decoding
     width: int = 1                                # tree width w (1: a chain of drafts)
     advances: list = field(default_factory=list)  # tokens gained by each full verification, a + 1
-    corrections: int = 0                          # verifications that rejected a draft and replaced it
+    corrections: int = 0                          # verifications that rejected a draft (even if re-written)
     decode_s: float = 0.0                         # wall clock after the prefill
 
     @property
@@ -208,8 +267,8 @@ def average_advance_length(advances):
 
 
 def effective_density(density, period, aal):
-    """K-1 sparse steps plus one full pass (counted as one dense step, as when decoding is memory-bound),
-    spread over the AAL tokens a period gains. The width does not enter: a tree's passes count as a chain's."""
+    """The paper's accounting: K-1 sparse steps and one full pass, counted as one dense step (true only
+    where decoding is memory-bound), over the AAL tokens a period gains; a tree counts as a chain."""
     return ((period - 1) * density + 1) / aal
 
 
@@ -243,13 +302,12 @@ def generate(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="dense", kee
 
 
 # --- Sirius: which drafts the full model keeps -----------------------------------------------------
-# Each draft d_i was proposed after node i-1 of its path; the full model's logits z_{i-1} at that node
-# judge it. Three rules:
-#   threshold (the paper's): keep d_i if softmax(z_{i-1} / 0.6)[d_i] >= threshold. Lossy by design: a
-#       plausible token the full model would not have chosen is kept.
-#   argmax (strict, greedy): keep d_i if it is the full model's argmax; the output is dense greedy decoding.
+# Draft d_i, proposed after node i-1 of its path, is judged by the full model's logits z_{i-1} there:
+#   threshold (the paper's, lossy by design): keep d_i if softmax(z_{i-1} / 0.6)[d_i] >= threshold.
+#   argmax (strict, greedy): keep d_i if it is argmax z_{i-1}: the output is dense greedy decoding, up to
+#       floating-point near-ties between passes of different lengths.
 #   speculative (strict, sampling): keep d_i with probability min(1, p(d_i) / q(d_i)), p the full and q the
-#       sparse model's sampling distributions; the output is distributed exactly as full-model sampling.
+#       sparse model's sampling distributions: the output is distributed exactly as full-model sampling.
 # The longest kept prefix d_1..d_a stands; then the full model adds one token of its own.
 
 def acceptance_probs(logits, parent, tokens):
@@ -296,9 +354,8 @@ def depth_nodes(depth, width):
 
 
 def tree_pass_args(sees, pos, nodes, depth_of_node, width):
-    """forward()'s `positions` and `mask` for `nodes` (a range of node ids) in slots pos + nodes: each
-    token's RoPE position is pos + its depth, and it sees the verified prefix and its own ancestors.
-    A chain needs neither (its slot order is its position order, and causal is right), nor does the root."""
+    """forward()'s `positions` (pos + depth) and `mask` (the verified prefix and the node's ancestors) for
+    `nodes` (a range) in slots pos + nodes. A chain needs neither (causal is right), nor does the root."""
     if width == 1 or nodes.stop == 1:
         return {}
     prefix = torch.ones(len(nodes), pos, dtype=torch.bool, device=sees.device)
@@ -316,10 +373,10 @@ class Tree:
 
 
 def draft_tree(model, sparse_mlp, t0, pos, period, width, sampling: Sampling, keep_probs=False):
-    """The sparse model drafts K-1 depths below t0, one pass per depth, each pass over the previous depth.
-    A chain (w = 1) appends the sparse model's chosen token (greedy or sampled). A tree keeps a beam: each
-    node of a depth (the root alone, then w) proposes its top-w children by log_softmax(z / 0.6), and of
-    those (w, then w·w) the w with the highest cumulative log-probability become the next depth, best first."""
+    """The sparse model drafts K-1 depths below t0, a pass per depth over the previous one. A chain (w = 1)
+    appends the sparse model's chosen token (greedy or sampled). A tree keeps a beam: each node of a depth
+    proposes its top-w children by log_softmax(z / 0.6); the w best paths by cumulative log-probability
+    are the next depth, best first."""
     N, device = 1 + (period - 1) * width, t0.device
     # A chain's parents (node j-1) and ancestors (nodes 0..j) are known up front; a tree's are filled below.
     flags = dict(dtype=torch.bool, device=device)
@@ -350,8 +407,7 @@ def draft_tree(model, sparse_mlp, t0, pos, period, width, sampling: Sampling, ke
 
 
 def root_to_leaf_paths(tree, period, width):
-    """(w, K) node ids, one row per path from the root to a deepest node, best beam first: walk the parent
-    pointers up from the leaves."""
+    """(w, K) node ids, a row per path from the root to a deepest node, best beam first (leaves upwards)."""
     paths = torch.zeros(width, period, dtype=torch.long, device=tree.tokens.device)
     deepest = depth_nodes(period - 1, width)
     paths[:, -1] = torch.arange(deepest.start, deepest.stop, device=tree.tokens.device)
@@ -415,11 +471,11 @@ def sirius_period(model, sparse_mlp, t0, pos, *, period, width=1, threshold=0.1,
 
 
 def sirius(model, prompt, max_new_tokens, *, eos_ids=(), sparsity="fine", keep=0.5, period=16, width=1,
-           threshold=0.1, strict=False, temperature=0.0, top_p=1.0, generator=None, on_token=None, on_period=None):
-    """Sirius generation: sparse drafts, corrected every `period` tokens by one full-model pass. Every
-    window is a full K-token window, as in the paper's code: the last one may run past max_new_tokens, and
-    what it gains beyond is dropped. on_token(token, from_full) sees every emitted token; on_period
-    every verification, as sirius_period hands it over (tracing.Trace() records them for reading)."""
+           threshold=0.1, strict=False, temperature=0.0, top_p=1.0, generator=None, on_token=None,
+           on_period=None):
+    """Sirius: sparse drafts, corrected every `period` tokens by one full-model pass. Every window is a full
+    K-token window, as in the paper's code: what the last gains beyond max_new_tokens is dropped. on_token
+    (token, from_full) sees every emitted token; on_period every verification (tracing.Trace reads them)."""
     if sparsity not in ("fine", "coarse"):
         raise ValueError(f"Sirius corrects a sparse model: sparsity must be fine or coarse, got {sparsity!r}")
     if type(period) is not int or period < 2:

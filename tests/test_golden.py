@@ -6,15 +6,10 @@ for SmolLM2-135M-Instruct on three prompts: the top-10 token ids and logits at e
 made by hand with tests/reference/make_golden.py in a scratch environment; this test only reads it.
 
 The tolerance is ABSOLUTE, 1e-4 on the raw logits. SmolLM2's logits are O(10) (the top ones lie between
-about 10 and 30), so this is a few parts per million of their scale: the two fp32 implementations
-differ by at most ~3.5e-5 here (summation order, SDPA vs eager softmax, and the fixture's 7 significant
-digits), while real bugs move them by far more. Tried by perturbing a loaded model in memory (max
-logit error in brackets): RoPE theta 1e4 instead of 1e5 (5.3) or 1% off (0.03), interleaved instead of
-rotate-half RoPE (15), no attention scale (21) or one 1% off (0.13), grouped-query heads mapped to the
-wrong KV head (45), the final, first or last-layer RMSNorm weight dropped (28-37), rms eps 1e-6 or 2e-5
-instead of 1e-5 (0.009), bf16-rounded weights (0.09), no causal mask (17), one MLP neuron's output row
-scaled by 1.001 (2e-4): all fail it. Shifting every RoPE position by the same offset passes, rightly:
-attention only sees relative positions.
+about 10 and 30), so this is a few parts per million of their scale: room for what two correct fp32
+implementations differ by (summation order, SDPA vs eager softmax, the fixture's 7 significant digits).
+test_the_tolerance_catches_small_bugs shows that bugs far smaller than a wrong formula still fail it: one
+MLP neuron's output row scaled by 1.001, rms eps 2e-5 instead of 1e-5, the lm_head rounded to bf16.
 """
 import json
 from pathlib import Path
@@ -63,3 +58,26 @@ def test_logits_match_transformers(smollm, prompt, way):
     assert worst[t] <= TOL, (f"{prompt['name']}, {way}: logit off by {worst[t]:.3g} at position {t} "
                              f"(tolerance {TOL}, absolute; transformers {GOLDEN['transformers_version']})")
     assert not wrong_top1, f"{prompt['name']}, {way}: top-1 differs from transformers at {wrong_top1}"
+
+
+@pytest.mark.parametrize("bug", ["one neuron's down row x 1.001", "rms eps 2e-5", "lm_head in bf16"])
+def test_the_tolerance_catches_small_bugs(smollm, bug):
+    """The golden check fails for the model perturbed in memory (restored afterwards), on one prompt."""
+    model, prompt = smollm[0], GOLDEN["prompts"][0]
+    weight = model.layers[15].w_down if bug.startswith("one neuron") else model.lm_head
+    saved, eps = weight.detach().clone(), model.cfg.rms_norm_eps
+    try:
+        with torch.no_grad():
+            if bug.startswith("one neuron"):
+                weight[7] *= 1.001
+            elif bug == "lm_head in bf16":
+                weight.copy_(weight.bfloat16().float())
+            else:
+                model.cfg.rms_norm_eps = 2e-5
+        worst = float(compare(model, prompt)[0].abs().max())
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+        model.cfg.rms_norm_eps = eps
+    print(f"{bug}: logit off by {worst:.2g}")
+    assert worst > TOL

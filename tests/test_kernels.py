@@ -16,22 +16,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kernels
 from bench import mlp_bytes_ratio
 from conftest import rel_err
-from kernels import (GATHER_BELOW, MLPWeights, check_keep, dense_mlp, density, fine_mlp, fine_mlp_reference,
-                     fine_plan, griffin_scores, n_kept, param_count, select_coarse,
-                     select_fine, slice_mlp, swiglu)
+from kernels import (GATHER_BELOW, MLPWeights, check_keep, dense_mlp, density, fine_mlp, fine_plan,
+                     griffin_scores, n_kept, param_count, select_coarse, select_fine, slice_mlp, swiglu)
+from sirius_min import reference_mlp
 
 LLAMA3_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
                             tie_word_embeddings=False)
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}   # relative; measured: ~2e-6 (fp32, 8B shape), ~5e-3 (bf16)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}   # relative; assert_exact checks it sees a dropped neuron
 PLANS = ("gather", "gather_down", "mask")
 aten = torch.ops.aten
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """These products are small: on a busy machine, handing each one to a second thread costs more time than
-    the product itself (measured: 60 ms instead of 0.1 ms). The count is restored afterwards."""
+    """These products are small: on a busy machine, handing each one to a second thread can cost more time
+    than the product itself. The count is restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -120,13 +120,17 @@ def test_gather_llama3_8b_layer():
 def test_every_plan_is_the_masked_mlp(T, keep, bias):
     """Every plan, forced, on an odd shape: one row (a decode step) or three (one depth of a Sirius tree,
     sharing one set: the top k of the sum over rows of |SiLU(gate)|), with and without biases (the gate
-    bias enters the selection, the up bias counts for kept neurons, the down bias once). The reference too."""
+    bias enters the selection, the up bias counts for kept neurons, the down bias once). And sirius_min's
+    reference, which gives each row its own set (a chain's sparse step is one row)."""
     x, mlp = random_mlp(37, 101, T, seed=T, bias=bias)
     k = n_kept(101, keep)
     idx = top_abs(gates(x, mlp), k)
     for plan in PLANS:
         assert_exact(fine_mlp(x, mlp, k, plan=plan), x, mlp, idx)
-    assert_exact(fine_mlp_reference(x, mlp, k), x, mlp, idx)
+    own = [top_abs(gates(x[t:t + 1], mlp), k) for t in range(T)]
+    assert_exact(reference_mlp(mlp, x[:1], k=k)[0], x[:1], mlp, own[0])
+    per_row = torch.cat([masked_mlp(x[t:t + 1], mlp, own[t]) for t in range(T)])
+    assert rel_err(reference_mlp(mlp, x, k=k)[0], per_row) <= TOL[torch.float32]
     if bias:                                                   # biases that change nothing would test nothing
         plain = MLPWeights(mlp.w_gate_up, mlp.w_down)
         assert rel_err(masked_mlp(x, plain, idx), masked_mlp(x, mlp, idx)) > TOL[torch.float32]
@@ -248,8 +252,8 @@ def test_rows_of_a_depth_share_one_set():
 @pytest.mark.parametrize("T", [1, 4])
 def test_keeping_every_neuron_is_dense(dtype, T, bias):
     """keep = 1: the dense MLP, the fine MLP through the plan it takes and through each plan (but gather in
-    bf16: a CPU has no bf16 sampled_addmm), the reference, and the MLP sliced to every neuron all equal SwiGLU
-    written out here in float64."""
+    bf16: a CPU has no bf16 sampled_addmm), sirius_min's reference MLP (k = D, and dense), and the MLP sliced
+    to every neuron all equal SwiGLU written out here in float64."""
     x, mlp = random_mlp(48, 120, T, dtype=dtype, bias=bias)
     D = 120
     xd, w, wd = x.double(), mlp.w_gate_up.double(), mlp.w_down.double()
@@ -257,7 +261,7 @@ def test_keeping_every_neuron_is_dense(dtype, T, bias):
     if bias:
         gate, up = gate + mlp.b_gate_up[:D].double(), up + mlp.b_gate_up[D:].double()
     want = (gate * torch.sigmoid(gate) * up) @ wd + (mlp.b_down.double() if bias else 0)
-    outs = [dense_mlp(x, mlp), fine_mlp(x, mlp, D), fine_mlp_reference(x, mlp, D),
+    outs = [dense_mlp(x, mlp), fine_mlp(x, mlp, D), reference_mlp(mlp, x, k=D)[0], reference_mlp(mlp, x)[0],
             dense_mlp(x, slice_mlp(mlp, torch.arange(D)))]
     outs += [fine_mlp(x, mlp, D, plan=p) for p in PLANS if dtype == torch.float32 or p != "gather"]
     for out in outs:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 import sirius_min
 from conftest import PROMPTS, encode_chat, kv, rel_err, twin
 from kernels import MLPWeights, dense_mlp, griffin_scores, n_kept, swiglu
@@ -84,6 +85,21 @@ def test_threshold_edges():
     z = logits_from_probs([[0.02, 0.98], [0.98, 0.02], [0.5, 0.5]])
     assert accept(z, [0, 1], threshold=0.0)[0] == 2      # threshold 0 keeps anything
     assert accept(z, [1, 0], threshold=1.0)[0] == 0      # 1 keeps only a certainty
+
+
+def test_threshold_boundary_is_kept():
+    """p == threshold keeps the draft (the rule is >=): two equal logits give p = 0.5 exactly, also in
+    float32. Threshold 0.5 keeps it, the next float32 above 0.5 rejects it; on fixed logits, and through
+    sirius() on a script whose full model is evenly split between the draft and another token."""
+    z, above = torch.zeros(2, 2), float(torch.nextafter(torch.tensor(0.5), torch.tensor(1.0)))
+    assert float(sirius_min.acceptance_probs(z, torch.tensor([0, 0]), torch.tensor([0, 1]))[1]) == 0.5
+    assert accept(z, [1], threshold=0.5)[0] == 1 and accept(z, [1], threshold=above)[0] == 0
+    split = torch.full((V,), -math.inf)
+    split[[2, 3]] = 0.0                                       # p(2) = p(3) = 0.5 at any temperature
+    model = FakeModel(lambda c: sure(1) if len(c) == 2 else split, lambda c: sure(3))
+    for threshold, advances in ((0.5, [2]), (above, [1])):
+        res = sirius(model, PROMPT, 3, sparsity="fine", period=2, threshold=threshold)
+        assert res.tokens[:2] == [1, 3 if advances == [2] else 2] and res.advances[:1] == advances
 
 
 def test_effective_density_matches_paper():
@@ -298,6 +314,27 @@ def test_a_seed_reproduces_a_sampled_run_and_the_correction_is_sampled():
         return sirius(model, torch.tensor([0, 7]), 12, sparsity="fine", period=2, temperature=1.0,
                       generator=torch.Generator().manual_seed(seed), **kw).tokens
     assert run_with(1) == run_with(1) and len({tuple(run_with(s)) for s in range(8)}) > 1
+
+
+def test_the_papers_rule_samples_its_drafts():
+    """With a temperature the paper's rule samples its drafts from the sparse model (and only then judges
+    them). After t0 = 1 the sparse model gives 2 with p .7 and 3 with .3 at T = 1; the full model finds both
+    plausible (p .5 each at 0.6), so the draft is kept either way and is the second token. 400 runs from one
+    generator: 3 about .3 of the time, within 3.5 standard errors (drafting greedily would give 2 always)."""
+    def probs(*pairs):
+        row = torch.zeros(V)
+        for token, p in pairs:
+            row[token] = p
+        return row
+
+    full = lambda c: sure(1) if len(c) == 2 else torch.log(probs((2, .5), (3, .5))) * 0.6  # noqa: E731
+    model = FakeModel(full, lambda c: torch.log(probs((2, .7), (3, .3))))
+    g = torch.Generator().manual_seed(0)
+    runs = [sirius(model, PROMPT, 2, sparsity="fine", period=2, temperature=1.0, generator=g)
+            for _ in range(400)]
+    assert all(r.tokens[0] == 1 and r.tokens[1] in (2, 3) and r.from_full == [True, False] for r in runs)
+    threes = sum(r.tokens[1] == 3 for r in runs) / 400
+    assert abs(threes - 0.3) < 3.5 * math.sqrt(0.3 * 0.7 / 400)
 
 
 # --- the tree on scripted logits ---------------------------------------------------------------------
@@ -552,6 +589,27 @@ def test_coarse_selection_is_the_prompts_griffin_top_k(tiny, monkeypatch):
     assert torch.equal(another.w_down[0], tiny.layers[0].w_down[another.idx[0]])
 
 
+# --- the fast paths against sirius_reference ------------------------------------------------------------
+
+@pytest.mark.parametrize("strict", [False, True], ids=["threshold", "strict"])
+@pytest.mark.parametrize("sparsity, keep, plan", [("fine", 0.25, "gather"), ("fine", 0.25, "gather_down"),
+                                                  ("fine", 0.25, "mask"), ("fine", 0.75, None),
+                                                  ("coarse", 0.5, None)])
+def test_the_fast_paths_are_the_reference(tiny, monkeypatch, sparsity, keep, plan, strict):
+    """On the tiny Llama, greedy: sirius() at w = 1 with each of fine_mlp's plans forced (None: the plan
+    it takes, mask at keep 0.75) and with the sliced CoarseMLP gives sirius_reference's tokens and
+    advances, with drafts rejected along the way (so the sparse MLP decides something). A strict tree
+    (w = 3) gives the strict reference's tokens: dense greedy decoding."""
+    if plan is not None:
+        monkeypatch.setattr(kernels, "fine_plan", lambda *args: plan)
+    prompt, options = torch.arange(10), dict(sparsity=sparsity, keep=keep, period=4, strict=strict)
+    tokens, advances = sirius_min.sirius_reference(tiny, prompt, 30, **options)
+    res = sirius(tiny, prompt, 30, **options)
+    assert (res.tokens, res.advances) == (tokens, advances) and res.corrections > 0
+    if strict:
+        assert sirius(tiny, prompt, 30, width=3, **options).tokens == tokens
+
+
 # --- the loop on SmolLM2 -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -567,69 +625,19 @@ def fine_answers(smollm, prompts):
 
 
 def fine_mlp_by_hand(x, layer, k):
-    """The fine-sparse MLP as the paper defines it, written out: each row (token) keeps its own k neurons
-    with the largest |SiLU(gate)|, the others' activations are zero. (One decode step is one row.)"""
-    gate, up = (x @ layer.w_gate_up).chunk(2, dim=-1)                  # W_gate^T | W_up^T side by side
-    act = F.silu(gate)
-    kept = torch.zeros_like(act).scatter_(-1, act.abs().topk(k, dim=-1).indices, 1.0)
-    return (act * up * kept) @ layer.w_down
+    """The reference's fine-sparse MLP, each row its own top k by |SiLU(gate)| (tests/test_run.py's q)."""
+    return sirius_min.reference_mlp(layer, x, k=k)[0]
 
 
-def sparse_mlp_by_hand(model, prompt, sparsity, keep):
-    """The request's sparse MLP written out: fine, each token's own top k by |SiLU(gate)|; coarse, GRIFFIN's
-    top k from a recorded dense pass over the prompt, applied as a mask."""
-    D = model.cfg.intermediate_size
-    k = max(1, round(keep * D))
-    if sparsity == "fine":
-        return lambda i, x: fine_mlp_by_hand(x, model.layers[i], k)
-    acts = []
-    def recording(i, x):
-        gate, up = (x @ model.layers[i].w_gate_up).chunk(2, dim=-1)
-        acts.append(F.silu(gate) * up)
-        return acts[-1] @ model.layers[i].w_down
-
-    model(prompt, 0, mlp=recording)
-    # GRIFFIN's score of a neuron: the norm over the prompt of its activations, each token's row normalised
-    scores = [(z / z.norm(dim=-1, keepdim=True)).norm(dim=0) for z in acts]
-    masks = [torch.zeros(D).index_fill_(0, s.topk(k).indices, 1.0) for s in scores]
-
-    def coarse(i, x):
-        gate, up = (x @ model.layers[i].w_gate_up).chunk(2, dim=-1)
-        return (F.silu(gate) * up * masks[i]) @ model.layers[i].w_down
-    return coarse
-
-
-def plain_loop(model, prompt, max_new, *, sparsity, keep, period, threshold=0.1):
-    """Sirius as a chain, written out with nothing from sirius_min: K-1 greedy sparse steps one token at a
-    time, one full pass over the window, the longest plausible prefix of drafts (p >= threshold at
-    temperature 0.6) plus the full model's next token, roll back. Returns the tokens and each advance."""
-    mlp = sparse_mlp_by_hand(model, prompt, sparsity, keep)
-    out, pos, advances = [int(model(prompt, 0, last_only=True)[-1].argmax())], len(prompt), []
-    while len(out) < max_new:
-        window = [out[-1]]
-        for j in range(period - 1):
-            window.append(int(model(torch.tensor(window[-1:]), pos + j, mlp=mlp)[-1].argmax()))
-        z = model(torch.tensor(window), pos)
-        p = torch.softmax(z.float() / 0.6, dim=-1)
-        a = 0
-        while a < period - 1 and p[a, window[a + 1]] >= threshold:
-            a += 1
-        out += window[1:a + 1] + [int(z[a].argmax())]
-        advances.append(a + 1)
-        pos += a + 1                     # the next window starts after the kept drafts: the rest is stale
-    return out[:max_new], advances
-
-
-@pytest.mark.parametrize("sparsity, keep, period, n_prompts", [("fine", 0.5, 8, 1), ("coarse", 0.5, 8, 1)])
-def test_width_one_is_the_plain_loop(smollm, prompts, fine_answers, sparsity, keep, period, n_prompts):
-    """w = 1: the tree code is the loop above, token for token and period for period."""
-    model, _ = smollm
-    for i, prompt in enumerate(prompts[:n_prompts]):
-        res = fine_answers[i] if sparsity == "fine" else \
-            sirius(model, prompt, 48, sparsity=sparsity, keep=keep, period=period, width=1)
-        tokens, advances = plain_loop(model, prompt, 48, sparsity=sparsity, keep=keep, period=period)
-        assert res.tokens == tokens and len(tokens) == 48
-        assert res.advances == advances and res.corrections > 0
+@pytest.mark.parametrize("sparsity", ["fine", "coarse"])
+def test_width_one_is_the_reference(smollm, prompts, fine_answers, sparsity):
+    """w = 1 on SmolLM2, the paper's rule: sirius() is sirius_reference, token for token and period for
+    period (fine: the gather plan, keep 0.5 < GATHER_BELOW; coarse: the sliced CoarseMLP)."""
+    model, prompt = smollm[0], prompts[0]
+    res = fine_answers[0] if sparsity == "fine" else sirius(model, prompt, 48, sparsity="coarse", period=8)
+    tokens, advances = sirius_min.sirius_reference(model, prompt, 48, sparsity=sparsity, keep=0.5, period=8)
+    assert res.tokens == tokens and len(tokens) == 48
+    assert res.advances == advances and res.corrections > 0
 
 
 @pytest.mark.parametrize("sparsity, width", [("fine", 2), ("coarse", 4)])
@@ -751,10 +759,11 @@ class StandIn:
 @pytest.mark.parametrize("sparsity", ["fine", "coarse"])
 @pytest.mark.parametrize("width", [1, 3])
 def test_sirius_runs_on_a_model_written_to_the_contract(sparsity, width):
-    """Strict Sirius on the stand-in is its own dense greedy decoding, chain and tree. The paper's rule, checked
-    on a fresh causal pass over its answer: every kept draft has p >= 0.1 at 0.6 where it stands, every token
-    of the full model's is its argmax there, and some draft was kept that the full model would not have
-    written; a chain is the loop written out above, token for token and period for period."""
+    """Strict Sirius on the stand-in is its own dense greedy decoding, chain and tree. The paper's rule,
+    checked on a fresh causal pass over its answer: every kept draft has p >= 0.1 at 0.6 where it stands,
+    every token of the full model's is its argmax there, and some draft was kept that the full model would
+    not have written. Both against sirius_reference: strict, its tokens at any width; the paper's rule, a
+    chain's tokens and advances."""
     model, prompt = StandIn(), torch.tensor([1, 2, 3, 4])
     dense = generate(model, prompt, 40).tokens
     strict = sirius(model, prompt, 40, sparsity=sparsity, keep=0.25, period=4, width=width, strict=True)
@@ -765,9 +774,10 @@ def test_sirius_runs_on_a_model_written_to_the_contract(sparsity, width):
     full = torch.tensor(lossy.from_full)
     assert (p[~full] >= 0.1).all() and (z[full].argmax(-1) == torch.tensor(lossy.tokens)[full]).all()
     assert (z[~full].argmax(-1) != torch.tensor(lossy.tokens)[~full]).any()           # lossy: not dense
+    options = dict(sparsity=sparsity, keep=0.25, period=4)
+    assert strict.tokens == sirius_min.sirius_reference(model, prompt, 40, strict=True, **options)[0]
     if width == 1:
-        assert (lossy.tokens, lossy.advances) == plain_loop(model, prompt, 40, sparsity=sparsity, keep=0.25,
-                                                            period=4)
+        assert (lossy.tokens, lossy.advances) == sirius_min.sirius_reference(model, prompt, 40, **options)
 
 
 # --- host synchronisations: one per period, one per token --------------------------------------------
@@ -793,14 +803,17 @@ def syncs(monkeypatch):
     return counts
 
 
-@pytest.mark.parametrize("sparsity, width, strict, temperature",
-                         [("fine", 1, False, 0.0), ("coarse", 3, False, 0.0), ("fine", 2, True, 0.0),
-                          ("coarse", 1, True, 0.8), ("fine", 1, False, 0.8)])
-def test_one_host_sync_per_period(tiny, syncs, sparsity, width, strict, temperature):
-    """sirius() waits for the device once for the first token and once per period: the packed read-back."""
+@pytest.mark.parametrize("sparsity, width, strict, temperature, top_p",
+                         [("fine", 1, False, 0.0, 1.0), ("coarse", 3, False, 0.0, 1.0),
+                          ("fine", 2, True, 0.0, 1.0), ("coarse", 1, True, 0.8, 1.0),
+                          ("fine", 1, False, 0.8, 1.0),
+                          ("coarse", 1, True, 0.8, 0.9), ("fine", 1, False, 0.8, 0.9)])
+def test_one_host_sync_per_period(tiny, syncs, sparsity, width, strict, temperature, top_p):
+    """sirius() waits for the device once for the first token and once per period: the packed read-back.
+    Sampled with top-p < 1 too: the nucleus cut runs on the device."""
     prompt = torch.arange(10)
     res = sirius(tiny, prompt, 40, sparsity=sparsity, keep=0.5, period=6, width=width, strict=strict,
-                 temperature=temperature, generator=torch.Generator().manual_seed(0))
+                 temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(0))
     assert len(res.advances) >= 3
     assert syncs == {"__int__": 1, "tolist": len(res.advances)}
 
@@ -826,18 +839,39 @@ def test_top_p_never_leaves_the_nucleus():
                .tolist()) == {0, 1, 2, 3, 4}                                          # top-p off: all of them
 
 
+def p_by_a_fresh_pass(model, prompt, periods):
+    """p(d_i) at 0.6 of each traced period's chosen drafts, computed here and not read from the trace: a
+    causal pass of the full model (a twin, with its own cache) over the verified text and the period's
+    window, its logits before each draft, softmax at 0.6 in float64. Checks each period starts where the
+    verified text ends (t0 and the kept drafts of the periods before)."""
+    fresh, verified, probs = twin(model), prompt.tolist(), []
+    for p in periods:
+        assert p.pos == len(verified)
+        z = fresh(torch.tensor(verified + p.window), 0).double()[p.pos:-1]      # (K-1, V): before d_1, ..
+        probs.append(torch.softmax(z / 0.6, -1)[torch.arange(len(z)), p.window[1:]].tolist())
+        verified += p.window[:p.accepted + 1]
+    return probs
+
+
+def assert_the_papers_rule(model, prompt, periods, threshold=0.1, slack=1.0):
+    """Each period kept exactly the drafts before the first with p < threshold (p by p_by_a_fresh_pass),
+    within a factor `slack` (bf16 logits differ between a window pass and a causal pass)."""
+    for p, probs in zip(periods, p_by_a_fresh_pass(model, prompt, periods), strict=True):
+        assert p.rule == "threshold" and all(x >= threshold / slack for x in probs[:p.accepted]), probs
+        assert p.accepted == len(probs) or probs[p.accepted] < threshold * slack, probs
+
+
 def test_paper_rule_with_sampling_keeps_only_plausible_drafts(tiny):
     """The paper's rule with sampled drafts: every kept draft has p >= threshold at temperature 0.6 under the
     full model, and the first rejected one has less."""
-    periods, g = Trace(), torch.Generator().manual_seed(0)
+    g, seen = torch.Generator().manual_seed(0), []
     for _ in range(4):
+        periods = Trace()
         sirius(tiny, torch.arange(10), 40, sparsity="fine", keep=0.25, period=4, temperature=1.0, generator=g,
                on_period=periods)
-    assert any(p.accepted < 3 for p in periods) and any(p.accepted > 0 for p in periods)
-    for p in periods:
-        assert p.rule == "threshold" and all(x >= 0.1 for x in p.probs[:p.accepted])
-        if p.accepted < len(p.probs):
-            assert p.probs[p.accepted] < 0.1
+        assert_the_papers_rule(tiny, torch.arange(10), periods)
+        seen += [p.accepted for p in periods]
+    assert min(seen) < 3 and max(seen) > 0
 
 
 # Exact speculative sampling, checked statistically: under strict Sirius at temperature T the joint
@@ -930,12 +964,15 @@ def test_the_exactness_check_catches_a_wrong_rule(monkeypatch, wrong, factor):
     assert stat > factor * critical
 
 
+BF16_SLACK = 1.1  # p within 10 % (logits 0.057 apart at 0.6): bf16 passes of other lengths round otherwise
+
+
 def test_sirius_in_bfloat16(tmp_path):
     """The whole loop in bf16 (the GPU default), chain and tree. Strict mode gives the model's own greedy
     decoding up to a near-tie: where the two first differ, the dense model's logits of the two tokens are
     within a few bf16 rounding steps (2^-8 of the logits' scale each) of each other. The paper's rule gains
     more than one token per period, and each period keeps exactly the drafts before the first one whose p
-    (bf16 logits, at 0.6) is below the threshold."""
+    (at 0.6, from a fresh causal pass of the bf16 model, within BF16_SLACK) is below the threshold."""
     from conftest import TINY_CONFIG, write_checkpoint
     from checkpoint import load_model
     model = load_model(write_checkpoint(tmp_path, TINY_CONFIG), 128, torch.bfloat16)
@@ -950,6 +987,7 @@ def test_sirius_in_bfloat16(tmp_path):
             gap = abs(float(z[dense[differ]] - z[strict.tokens[differ]]))
             assert gap <= 4 * 2 ** -8 * float(z.abs().max()), f"not a near-tie at {differ}: {gap}"
         periods = Trace()
-        lossy = sirius(model, prompt, 30, sparsity=sparsity, keep=0.25, period=4, width=width, on_period=periods)
-        assert lossy.aal > 1 and all(x >= 0.1 for p in periods for x in p.probs[:p.accepted])
-        assert all(p.probs[p.accepted] < 0.1 for p in periods if p.accepted < len(p.probs))
+        lossy = sirius(model, prompt, 30, sparsity=sparsity, keep=0.25, period=4, width=width,
+                       on_period=periods)
+        assert lossy.aal > 1
+        assert_the_papers_rule(model, prompt, periods, slack=BF16_SLACK)
