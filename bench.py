@@ -508,9 +508,10 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
             proj_rows.append([w, f"{aal:.2f}/{period}", source, f"{t['period'] / aal * 1e3:.2f}",
                               f"{t['period'] / aal / dense:.3f}", f"{effective_density(d, period, aal):.3f}"])
     print(f"\nA Sirius period's parts in ms ({sparsity}, f = {keep}, K = {period}), each pass with its tree "
-          f"positions and mask; rest = period - root - (K-2)·draft - verify (choosing tokens, acceptance, "
-          f"back-gather, read-back); ideal period = (K-1)·density + 1 dense steps")
-    print_table(["w", "verify tokens", "root step", "draft step", "verify pass", "rest", "period",
+          f"positions and mask; verify = the full pass and its verdict; rest = period - root - "
+          f"(K-2)·draft - verify (choosing draft tokens, read-back, back-gather); ideal period = "
+          f"(K-1)·density + 1 dense steps")
+    print_table(["w", "verify tokens", "root step", "draft step", "verify", "rest", "period",
                  "draft / dense", "verify / dense", "period / dense", "ideal period"], part_rows)
     print(f"\nprojected ms/token = period / AAL, the AAL measured for the same w; ideal = effective density "
           f"((K-1)·density + 1) / AAL; dense step {dense * 1e3:.2f} ms")
