@@ -61,8 +61,8 @@ def arithmetic_task(n=200, seed=0):
 
 def load_gsm8k(path):
     """GSM8K's jsonl: {"question": ..., "answer": "... #### 42"} per line, UTF-8 (refused naming the line).
-    JSON Lines ends a line at \n (or \r\n) only: U+2028, U+0085 and the other breaks str.splitlines knows
-    are text inside a question. A leading byte-order mark is dropped, as from a prompt."""
+    JSON Lines ends a line at a newline (or CR LF) only: U+2028 and U+0085, which str.splitlines also
+    breaks at, are text inside a question. A leading byte-order mark is dropped, as from a prompt."""
     problems = []
     text = read_text(path, UsageError).removeprefix("\ufeff")
     for n, line in enumerate(text.split("\n"), 1):
@@ -444,9 +444,10 @@ def bench_llama3_8b(device="cuda", dtype=torch.bfloat16, keep=0.5, period=16, wi
     `aals` {w: AAL} were measured elsewhere for the same w (`aal_source` says where) and the paper's AAL
     appears only for the (sparsity, w, K = 16) it was measured at. Ideals: "density" is the paper's
     accounting (kernels.density); "plan" the share of all weights this code's plan reads in a step.
-    compile (True, or a torch.compile backend's name): every decode pass and the period's judge replayed as
-    captured graphs (graphs.capture; fine left out to save compilations): the one-token steps after 4
-    untimed runs (3 to compile and record, then timer's), the period's parts after one, as eagerly.
+    compile (True, or a torch.compile backend's name): every decode pass and the verification with its
+    verdict replayed as captured graphs (graphs.capture; fine left out to save compilations): the one-token
+    steps after 4 untimed runs (3 to compile and record, then timer's), the period's parts after one, as
+    eagerly.
     """
     dev, cfg, aals = torch.device(device), cfg or llama3_8b_config(), aals or {}
     if dev.type == "cuda":

@@ -7,9 +7,10 @@ AutoConfig would guess from the folder's name; this file reads `architectures` i
 Every field of that family's transformers config that changes the logits is implemented or refused with its
 name (FAMILIES, ONLY). Every tensor in the checkpoint is used or refused (a tensor nobody reads means an
 architecture this file does not implement), but for the RoPE frequencies older transformers saved
-(rotary_emb.inv_freq), skipped as harmless. A tied config whose file also holds an lm_head.weight that differs
-from the embedding loads untied, as transformers 5 loads it (the stored head, not the embedding). Every value
-read from a JSON file is checked for its JSON type where it is read (field). A problem the user can fix is a
+(rotary_emb.inv_freq) and a tied model's lm_head.weight equal to its embedding, skipped as harmless. A tied
+config whose file holds an lm_head.weight that differs from the embedding loads untied, as transformers 5
+loads it (the stored head, not the embedding). Every value read from a JSON file is checked for its JSON type
+where it is read (json_field). A problem the user can fix is a
 CheckpointError: one line, naming the file or the folder.
 """
 import dataclasses
@@ -49,8 +50,9 @@ def is_json(value, kind) -> bool:
 def json_field(obj: dict, key: str, *kinds: str, default=None, name=None, source=None):
     """obj[key] (`default` if absent) if its JSON type is one of `kinds` (JSON_TYPES, LIST_OF), else one
     CheckpointError naming the field (`name`, default `key`; the file `source` first, where given) and the
-    types it may have. Every value read from a folder's JSON files passes here, so that a value of the wrong
-    type is an error line where it is read, not a TypeError (or a silently different model) further on."""
+    types it may have. Every field read from a folder's JSON files passes here (but tokenizer_config.json's
+    other *_token keys, taken only where they hold a token: folder.special_tokens), so that a value of the
+    wrong type is an error line where it is read, not a TypeError (or a silently different model) later."""
     value = obj.get(key, ABSENT)
     if value is ABSENT:
         return default
@@ -85,10 +87,12 @@ def json_field(obj: dict, key: str, *kinds: str, default=None, name=None, source
 #    or a layer_types of another length than num_hidden_layers (every family: transformers checks both),
 #    any model_type but these four (gemma, phi, ...), and any value of a JSON type the field cannot hold.
 #  not read, as transformers' class of that family does not read them: mistral's and qwen2's attention_bias
-#    and mlp_bias, qwen3's mlp_bias (fixed in code: FAMILIES[...]["fixed"]); mistral's layer_types (its window
-#    rule, "mistral", reads sliding_window alone, as transformers' Mistral does).
+#    and mlp_bias, qwen3's mlp_bias (fixed in code: FAMILIES[...]["fixed"]); mistral's layer_types for its
+#    window (its rule, "mistral", reads sliding_window alone, as transformers' Mistral does; the length is
+#    checked, as in every family).
+#  used elsewhere: max_position_embeddings, the trained context (folder.py refuses a longer request).
 #  harmless: attention_dropout (training only), initializer_range, use_cache, pad/bos/eos_token_id,
-#    max_position_embeddings (the trained context), torch_dtype/dtype (weights load into the dtype asked),
+#    torch_dtype/dtype (weights load into the dtype asked),
 #    qwen's max_window_layers and layer_types where no layer slides, sliding_window where use_sliding_window
 #    is false.
 ROPE_TYPES = ("default", "linear", "llama3")

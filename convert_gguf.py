@@ -247,7 +247,8 @@ def read_config(reader) -> dict:
     if arch != "llama":
         raise ValueError(f"architecture is {arch!r}, only 'llama' is supported")
     for key in reader.fields:          # RoPE scaling (linear, yarn, ...), which config.json would not say
-        if key.startswith("llama.rope.") and key not in ("llama.rope.freq_base", "llama.rope.dimension_count"):
+        known = ("llama.rope.freq_base", "llama.rope.dimension_count")
+        if key.startswith("llama.rope.") and key not in known:
             raise ValueError(f"{key} {field(reader, key)!r}: RoPE scaling is not supported")
     hidden = field(reader, "llama.embedding_length")
     n_heads = field(reader, "llama.attention.head_count")

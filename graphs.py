@@ -18,10 +18,13 @@ The rules a CUDA graph sets, as torch's CUDA graph trees implement them (torch/_
 - Every pass here begins an iteration of its own (`torch.compiler.cudagraph_mark_step_begin()`), and a new
   iteration frees the outputs of the last: an output that must outlive its pass is cloned.
 So everything a pass reads is kept where it was at capture: weights and each layer's KV cache are the
-model's; a coarse request's slices are buffers allocated once per model (sirius_min.CoarseMLP); a tree's
-masks go into one buffer per pass length. The verification logits, (1 + (K-1)·w, vocab), never leave their
-graph: the verdict is computed in it, and of its outputs only the next token is cloned. What is copied per
-replay is the pass's token ids, RoPE positions and a tree's parents (int64, 8 bytes a node) and the position.
+model's; a coarse request's slices are buffers of the model's CoarseMLP (new only when k changes); a tree's
+masks go into one buffer per pass length. The verification's logits, (1 + (K-1)·w, vocab), are judged in
+the graph that computed them, never copied into another; they are returned in its memory, valid until the
+next pass (tracing.py reads them there), and of its outputs only the next token is cloned. What is copied
+per replay is the pass's token ids, RoPE positions and a window's parents (int64, 8 bytes a node) and the
+position. With a temperature the verification pass is still a graph, and the verdict runs eagerly on its
+logits before the next pass (a graph cannot take a sampler's torch.Generator).
 """
 import weakref
 
@@ -65,7 +68,7 @@ class Captured:
         self.masks = {}                         # pass length T -> (T, max_seq_len) bool, a fixed address
         self.graph = torch.compile(self.static_pass, **compile_options(backend))
         # The verification pass and the period's verdict on it (greedy only: a graph cannot take a sampler's
-        # torch.Generator) in one graph, so that the (N, vocab) logits never leave it.
+        # torch.Generator) in one graph, so that the (N, vocab) logits are never copied into another.
         self.verify_graph = torch.compile(self.static_verify, **compile_options(backend))
 
     def static_pass(self, tokens, start, mlp, positions, mask):
@@ -136,8 +139,9 @@ class InputLog:
       output of a graph called earlier in the same iteration. Any other tensor input is copied into the
       graph's memory before every replay: `calls` logs, per call, (graph number, bytes copied, the inputs).
     - Freed: when a new iteration begins, the outputs of the last one that are still alive lose their
-      memory (torch makes a later read raise while recording, and overwrites them when replaying). Here
-      they are overwritten (NaN, or the dtype's minimum), so a later eager read computes garbage, and a
+      memory (torch makes a later read raise while warming up or recording, and overwrites them when
+      replaying). Here they are overwritten (NaN; an integer dtype's minimum; True), so a later eager read
+      computes garbage, and a
       graph input that is one is named in `stale_reads` and raises, as torch raises.
     `graphs` counts the graphs compiled; `host_reads` lists every node that would make the host wait."""
 

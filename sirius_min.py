@@ -31,8 +31,8 @@ class Model(Protocol):
     layer i's MLP. A tree passes each token's RoPE `positions` (T,) and a bool `mask` (T, start_pos+T).
     `move_kv(slots, start)` copies cached keys and values. `layers[i]` holds the MLP weights kernels.py reads
     (w_gate_up, w_down; optional biases, up_rows); `cfg` the config fields kernels.density counts. A model
-    may bring its own `verify` (graphs.py's verify_period as one graph), used when greedy. Coarse sparsity
-    keeps one CoarseMLP per model in a WeakKeyDictionary: the model must be hashable and weakly referable."""
+    may bring its own `verify` (graphs.Captured.verify: verify_period as one graph), used when greedy.
+    CoarseMLPs are kept per model in a WeakKeyDictionary: the model must be hashable and weakly referable."""
     cfg: Any
     max_seq_len: int
     layers: Sequence[Any]
@@ -43,7 +43,7 @@ class Model(Protocol):
 
 
 # --- Sirius as the paper describes it: the reference, sharing nothing with the fast path below but the
-# model's forward. The oracle the chain and the tree, strict trees, fine_mlp and CoarseMLP are tested against.
+# model's forward. The oracle of the chain (eager, captured), strict trees, fine_mlp and CoarseMLP.
 
 def reference_mlp(layer, x, kept=None, k=None):
     """Layer's SwiGLU MLP (T, h) with only some neurons: those where the 0/1 mask `kept` (D,) is 1, or each
@@ -419,8 +419,8 @@ def root_to_leaf_paths(tree, period, width):
 # --- Sirius: one period -----------------------------------------------------------------------------
 def judge_period(logits, tree, *, period, width, rule, threshold, sampling):
     """The device part of a verification: which drafts pass, each path's a, the best path, the next token.
-    Fixed shapes and no host read (graphs.host_reads checks), so it is one captured graph (graphs.py). Returns
-    `packed` (the chosen path's index, a, the next token, the path's K-1 drafts: what the host reads), and
+    Fixed shapes, no host read (graphs.host_reads checks): captured, it runs in the verification's graph.
+    Returns `packed` (the chosen path's index, a, the next token, its K-1 drafts: what the host reads), and
     for the rest of the period the path (K,) and next token on the device, each path's a (w,), and p_full."""
     kept, p_full = keep_drafts(logits, tree.parent, tree.tokens, rule, threshold, sampling, tree.draft_probs)
     paths = root_to_leaf_paths(tree, period, width)                        # (w, K)

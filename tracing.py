@@ -1,8 +1,9 @@
 """Sirius period by period: each verification read back from the device, and printed (`run.py --trace`).
 
 sirius_min.sirius(..., on_period=fn) hands fn, after each verification, what the period computed on the
-device: the tree, the full model's logits over it, each path's a (drafts kept), the chosen path. Nothing is read
-back unless someone asks, so the hot path keeps its one host sync a period; `Trace` asks, after every period.
+device: the tree, the full model's logits over it, each path's a (drafts kept), the chosen path. Nothing is
+read back unless someone asks, so the hot path keeps its one host sync a period; `Trace` asks, after every
+period.
 (Not named trace.py: that is a module of Python's standard library.)
 """
 from dataclasses import dataclass
@@ -65,9 +66,9 @@ def print_trace(tok, periods, args, eos, width=104):
           + RULE[periods[0].rule].format(**vars(args)))
     for n, p in enumerate(periods, 1):
         kind = "bonus" if p.accepted == len(p.window) - 1 else "correction" if p.appended != p.window[
-            p.accepted + 1] else "rejected; the full model's token is the draft itself"  # a flat p, see README
+            p.accepted + 1] else "rejected; the full model's token is the draft itself"  # a flat p
         beams = f"; beam {p.chosen + 1}/{len(p.beams)}, kept per beam {p.beams}" if len(p.beams) > 1 else ""
-        show = lambda t: repr(tok.decode([t], skip_special_tokens=False))  # noqa: E731 (escapes control chars)
+        show = lambda t: repr(tok.decode([t], skip_special_tokens=False))  # noqa: E731 (escapes controls)
         stop = next((t for t in p.window[1:p.accepted + 1] if t in eos), None)
         then = f"stopped at {show(stop)}" if stop is not None else f"then {show(p.appended)} ({kind})"
         print(f"\nperiod {n}, position {p.pos}: kept {p.accepted}/{len(p.window) - 1}, {then}{beams}")

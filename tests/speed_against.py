@@ -42,7 +42,7 @@ for method, sparsity in {methods!r}:
     run = getattr(sirius_min, method)
     run(model, prompt, 8, sparsity=sparsity)                                     # warm-up
     results = [run(model, prompt, {tokens}, sparsity=sparsity) for _ in range({reps})]
-    out[method + " " + sparsity] = [min(r.ms_per_token for r in results), results[0].tokens]   # the least noisy
+    out[method + " " + sparsity] = [min(r.ms_per_token for r in results), results[0].tokens]  # least noisy
 print(json.dumps(out))
 """
 
@@ -70,7 +70,8 @@ def main():
     p.add_argument("--tokens", type=positive, default=48)
     p.add_argument("--reps", type=positive, default=3,
                    help="timed runs of a method in a process (the fastest counts)")
-    p.add_argument("--methods", nargs="+", choices=[f"{m} {s}" for m, s in METHODS], metavar="'METHOD SPARSITY'",
+    p.add_argument("--methods", nargs="+", choices=[f"{m} {s}" for m, s in METHODS],
+                   metavar="'METHOD SPARSITY'",
                    help="only these, e.g. 'sirius fine' (default: all five)")
     args = p.parse_args()
     methods = [m for m in METHODS if args.methods is None or f"{m[0]} {m[1]}" in args.methods]
@@ -92,8 +93,8 @@ def main():
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=True)
-    print(f"ms/token, medians over {args.rounds} rounds of the fastest of {args.reps} runs, SmolLM2-135M fp32, "
-          f"one thread, {args.tokens} tokens; old = {args.rev}, new = this checkout")
+    print(f"ms/token, medians over {args.rounds} rounds of the fastest of {args.reps} runs, SmolLM2-135M "
+          f"fp32, one thread, {args.tokens} tokens; old = {args.rev}, new = this checkout")
     print(f"{'method':<16} {'old':>7} {'new':>7} {'new / old':>10}  {'per round':>11}  same tokens")
     for key in runs["new"][0]:
         old_ms = statistics.median(run[key][0] for run in runs["old"])

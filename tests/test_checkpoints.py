@@ -212,7 +212,8 @@ def test_bad_folders_and_weights(tmp_path):
             load_model(tmp_path)
         assert str(err.value).startswith(f"{where}: ") and re.search(what, str(err.value)), str(err.value)
 
-    with pytest.raises(CheckpointError, match=f"^model folder not found: {re.escape(str(tmp_path / 'nope'))}$"):
+    missing = re.escape(str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match=f"^model folder not found: {missing}$"):
         load_model(tmp_path / "nope")
     with pytest.raises(CheckpointError, match=f"^no config.json in {re.escape(str(tmp_path))}$"):
         load_model(tmp_path)
@@ -243,7 +244,7 @@ def test_bad_folders_and_weights(tmp_path):
     fails(tmp_path, r"tensor model.layers.0.mlp.up_proj.qweight is a quantized layer's .*not supported")
 
 
-# --- config fields: implemented, refused, or listed as harmless, never silently ignored ----------------------
+# --- config fields: implemented, refused, or listed as harmless, never silently ignored ------------------
 
 REFUSED_FIELDS = {
     "gelu": ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
@@ -266,7 +267,8 @@ REFUSED_FIELDS = {
     "linear rope without a factor": ({"rope_parameters": {"rope_type": "linear"}},
                                      "rope_type linear needs positive factor"),
     "attention_bias a string": ({"attention_bias": "yes"}, "attention_bias must be true or false"),
-    "tie_word_embeddings a string": ({"tie_word_embeddings": "true"}, "tie_word_embeddings must be true or false"),
+    "tie_word_embeddings a string": ({"tie_word_embeddings": "true"},
+                                     "tie_word_embeddings must be true or false"),
     "odd head_dim": ({"head_dim": 7}, "head_dim must be even"),
 }
 
@@ -343,7 +345,7 @@ def test_finiteness_is_checked_in_the_dtype_loaded(tmp_path):
 def test_unused_tensors(tmp_path):
     """A tensor the model would not read is an error naming it (biases without attention_bias included);
     old RoPE buffers load. A tied config's stored lm_head is read: equal to the embedding, the model stays
-    tied; different (or of another shape), it is the head, untied, as transformers 5 loads it."""
+    tied; different, it is the head, untied, as transformers 5 loads it; of another shape, an error."""
     write_checkpoint(tmp_path, TINY_CONFIG)
     add_tensors(tmp_path, model__layers__0__self_attn__rotary_emb__inv_freq=torch.ones(4))
     load_model(tmp_path, max_seq_len=8)
@@ -531,8 +533,9 @@ def test_null_kv_heads_are_the_query_heads(tmp_path, family, default):
     multiple of every default, and none of them)."""
     kv = {}
     for how in ("absent", "null"):
-        path = with_config(tmp_path / how, "untied_mha" if family == "llama" else family, num_attention_heads=64,
-                           head_dim=8, num_key_value_heads=None, nulls=("num_key_value_heads",) * (how == "null"))
+        path = with_config(tmp_path / how, "untied_mha" if family == "llama" else family,
+                           num_attention_heads=64, head_dim=8, num_key_value_heads=None,
+                           nulls=("num_key_value_heads",) * (how == "null"))
         kv[how] = read_config(path).num_key_value_heads
     assert kv == {"absent": default or 64, "null": 64}
 
@@ -652,9 +655,9 @@ def read_typed(file, folder_, data):
 
 def test_every_json_field_takes_its_types_or_is_one_error_naming_it(tmp_path):
     """Each field of config.json, tokenizer_config.json, generation_config.json and the safetensors index that
-    the code reads, fed a value of each JSON type: the types transformers reads there load, giving what it
-    gives; every other type is one CheckpointError naming the file and the field, never another exception
-    (a TypeError from deep inside was how a list for model_type ended)."""
+    the code reads, fed a value of each JSON type: the types transformers reads there load (where the loaded
+    config has the field, with the value given); every other type is one CheckpointError naming the file and
+    the field, never another exception."""
     write_checkpoint(tmp_path, TINY_CONFIG, shards=2)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     bases = {**BASES, "index": index}

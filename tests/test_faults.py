@@ -289,8 +289,8 @@ def test_eval_data_of_the_wrong_kind(tiny_dir, tmp_path, capsys):
 
 
 def test_eval_data_lines_end_at_newline_only(tmp_path):
-    """JSON Lines ends a line at \n (a \r before it is part of the ending): the other breaks str.splitlines
-    knows (U+2028, U+0085, \v, \f, \x1c) are text in a question, valid JSON. A leading byte-order mark is
+    """JSON Lines ends a line at a newline (a CR before it is part of the ending): U+2028, U+2029 and U+0085,
+    line breaks to str.splitlines that JSON writes raw, are text in a question. A leading byte-order mark is
     dropped, as a prompt's is."""
     import bench
 
@@ -462,8 +462,7 @@ def test_a_prompt_reads_the_same_from_argv_and_stdin(tiny_dir):
     """In a C locale without UTF-8 mode (Python decodes argv as ASCII), a UTF-8 prompt in argv is read as the
     same bytes on stdin are: accepted, the same run. (Bytes that are not UTF-8 are refused from either:
     tests/test_run.py.)"""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING"))}
-    env.update(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    env = c_locale()
     argv = ["--model", str(tiny_dir), "--sparsity", "dense", "--max-new-tokens", "2", "--prompt"]
     prompt = "caf\u00e9?".encode()
     runs = [(start(argv + [prompt], env=env), None),

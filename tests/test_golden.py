@@ -9,7 +9,8 @@ The tolerance is ABSOLUTE, 1e-4 on the raw logits. SmolLM2's logits are O(10) (t
 about 10 and 30), so this is a few parts per million of their scale: room for what two correct fp32
 implementations differ by (summation order, SDPA vs eager softmax, the fixture's 7 significant digits).
 test_the_tolerance_catches_small_bugs shows that bugs far smaller than a wrong formula still fail it: one
-MLP neuron's output row scaled by 1.001, rms eps 2e-5 instead of 1e-5, the lm_head rounded to bf16.
+MLP neuron's output row scaled by 1.001, rms eps 2e-5 instead of 1e-5, the tied embedding and lm_head
+rounded to bf16.
 """
 import json
 from pathlib import Path

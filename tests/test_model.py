@@ -322,6 +322,6 @@ def test_to_another_dtype(tiny):
     tokens = random_tokens(10, seed=9)
     want, wide = tiny(tokens, 0).double(), copy.deepcopy(tiny).to(torch.float64)
     assert wide.layers[1].cache_k.dtype == wide.layers[0].wqkv.dtype == wide.cos.dtype == torch.float64
-    assert tiny.layers[1].cache_k.dtype == tiny.layers[0].wqkv.dtype == torch.float32          # a copy was moved
+    assert tiny.layers[1].cache_k.dtype == tiny.layers[0].wqkv.dtype == torch.float32    # a copy was moved
     got = wide(tokens, 0)
     assert got.dtype == torch.float64 and rel_err(got, want) <= 1e-5

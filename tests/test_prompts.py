@@ -127,7 +127,7 @@ def test_message_text_is_stripped_unlike_transformers(smollm_tok, tmp_path):
     ids = lambda text: smollm_tok.encode(text, add_special_tokens=False).ids  # noqa: E731
     plain = prompting_for(tmp_path / "plain", smollm_tok,
                           chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
-    assert folder.render(plain, messages) == "[Hi\n]"                      # transformers' text: the newline kept
+    assert folder.render(plain, messages) == "[Hi\n]"          # transformers' text: the newline kept
     assert folder.chat_ids(smollm_tok, plain, messages) == ids("[Hi]") != ids("[Hi\n]")
     trims = prompting_for(tmp_path / "trims", smollm_tok,
                           chat_template="{% for m in messages %}[{{ m['content'] | trim }}]{% endfor %}")
@@ -232,8 +232,8 @@ def tiny_folder(tmp_path):
     ("tokenizer_config.json", {"chat_template": "{{ raise_exception('roles must alternate') }}"},
      "roles must alternate"),
     ("tokenizer_config.json", {"chat_template": "{{ messages[0].content | upper }}"}, "rewrites the"),
-    ("generation_config.json", {"eos_token_id": "2"}, "eos_token_id must be a whole number or a list of whole "
-                                                      "numbers or null, got a string"),
+    ("generation_config.json", {"eos_token_id": "2"},
+     "eos_token_id must be a whole number or a list of whole numbers or null, got a string"),
     ("generation_config.json", {"eos_token_id": [2, 100]}, "eos_token_id [2, 100] is not a token id of the "
                                                            "model's vocabulary (100)"),
     ("generation_config.json", "not json", "is not valid JSON"),

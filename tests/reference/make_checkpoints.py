@@ -317,7 +317,8 @@ def write_edited(out: Path, ids: list) -> list:
     name = "llama3_rope_no_original"
     folder = out / name
     rope = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}
-    random_model(make_config(rope_parameters=dict(rope))).save_pretrained(folder)   # (the config fills its dict)
+    # (the config fills its dict)
+    random_model(make_config(rope_parameters=dict(rope))).save_pretrained(folder)
     config = edited_config(folder, rope_parameters=rope)               # save_pretrained wrote the filled one
     assert "original_max_position_embeddings" not in config["rope_parameters"]
     data = golden(name, folder, ids)
